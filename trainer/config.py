@@ -1,0 +1,285 @@
+"""Typed configuration: the schema, YAML loading, and dotted command-line overrides.
+
+Every other module receives one of these objects; nothing else parses YAML or reads the
+environment for settings. Errors are raised as :class:`ConfigError` with a one-line message
+that names the file, the key and the offending value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message fit to print on one line."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: str = "data/digits16"
+    """Directory written by ``data_prep`` (holds ``manifest.json``)."""
+    train_shards: str | None = None
+    """Shard URL(s) for training, overriding the manifest: a brace pattern, ``pipe:``/``http(s)`` URL,
+    or several separated by spaces. Relative paths are resolved against ``root``."""
+    val_shards: str | None = None
+    batch_size: int = Field(64, gt=0)
+    """Per-rank micro-batch size."""
+    num_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    random_flip: bool = True
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    channels: int = Field(128, gt=0)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1)
+    num_res_blocks: int = Field(3, gt=0)
+    attention_resolutions: list[int] = Field(default_factory=lambda: [16, 8])
+    num_heads: int = Field(4, gt=0)
+    num_head_channels: int = -1
+    """Channels per attention head; when > 0 it overrides ``num_heads``."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    class_cond: bool = False
+    use_checkpoint: bool = False
+    """Activation (gradient) checkpointing per block."""
+    channels_last: bool = False
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _positive_mults(cls, v: list[int]) -> list[int]:
+        if any(m <= 0 for m in v):
+            raise ValueError(f"every multiplier must be > 0, got {v}")
+        return v
+
+
+class DiffusionConfig(_Section):
+    steps: int = Field(4000, gt=1)
+    """T, the number of diffusion steps used in training."""
+    schedule: Literal["cosine", "linear"] = "cosine"
+    mean_type: Literal["epsilon", "x0"] = "epsilon"
+    var_type: Literal["learned_range", "fixed_small", "fixed_large"] = "learned_range"
+    loss: Literal["hybrid", "mse", "kl"] = "hybrid"
+    vlb_weight: float = Field(0.001, ge=0.0)
+    """λ in L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021, eq. 16)."""
+    timestep_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
+    history_per_term: int = Field(10, gt=0)
+    uniform_prob: float = Field(0.001, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _loss_needs_variance(self) -> DiffusionConfig:
+        if self.loss == "hybrid" and self.var_type != "learned_range":
+            raise ValueError("loss 'hybrid' needs var_type 'learned_range' (L_vlb trains the variance)")
+        return self
+
+
+class TrainConfig(_Section):
+    total_steps: int = Field(500_000, gt=0)
+    """Optimizer steps."""
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_accum: int = Field(1, gt=0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Global gradient-norm clip; 0 disables it."""
+    ema_rates: list[float] = Field(default_factory=lambda: [0.9999])
+    precision: Literal["bf16", "fp32"] = "bf16"
+    zero_stage: int = Field(2, ge=0, le=3)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    sample_every: int = Field(0, ge=0)
+    """Optimizer steps between sample grids during training; 0 samples only at the end."""
+    importance_plot_every: int = Field(0, ge=0)
+    """Steps between timestep-importance plots; 0 uses ``ckpt_every``."""
+    ckpt_every: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+    output_dir: str = "runs/default"
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file merged under the settings derived from this config."""
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+    """Extra DeepSpeed config keys, merged last (they win)."""
+
+    @field_validator("ema_rates")
+    @classmethod
+    def _rates_in_unit_interval(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < r < 1.0 for r in v):
+            raise ValueError(f"every EMA rate must lie in (0, 1), got {v}")
+        return v
+
+
+class SampleConfig(_Section):
+    num_samples: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)
+    method: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"
+    steps: str = "50"
+    """Respacing: "50", "10,15,20" (per section) or "ddim50"; empty string for all T steps."""
+    eta: float = Field(0.0, ge=0.0)
+    clip_denoised: bool = True
+    use_ema: bool = True
+    seed: int = 0
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "iddpm"
+    run_name: str | None = None
+    request_timeout_s: float = Field(10.0, gt=0)
+    request_max_retries: int = Field(2, ge=0)
+
+
+class ClusterConfig(_Section):
+    """Defaults for ``cluster/submit.py``; its command-line flags win."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: int | None = None
+    cpus_per_task: int = Field(4, ge=1)
+    mem_gb: float | None = None
+    time_min: int = Field(60, ge=1)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    job_name: str = "iddpm"
+    folder: str = "runs/slurm/%j"
+    dependency: str | None = None
+    slurm_args: dict[str, Any] = Field(default_factory=dict)
+    max_requeues: int = Field(10, ge=0)
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"train.lr": 1e-4, ...}``: the form MLflow params take."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+BASE_KEY = "base"
+"""A YAML file may name another (relative to itself) whose values it overrides."""
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"{path}: circular '{BASE_KEY}' chain")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    parent = _read_yaml((path.parent / str(base)).resolve(), (*seen, path))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(lower)
+    for key, value in upper.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=2e-4"`` → (["train", "lr"], 0.0002). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "2e-4" as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    value = first.get("input")
+    shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+    more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
+    return f"{source}: {key}: {msg}{shown}{more}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (following ``base:``), apply dotted overrides, and validate."""
+    data: dict[str, Any] = _read_yaml(Path(path).resolve()) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data, source=str(path) if path is not None else "config")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
