@@ -40,20 +40,34 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The UNet (``trainer.models.unet``); shapes are checked against the image size at build time."""
+
     channels: int = Field(128, gt=0)
+    """Base width; level ``i`` has ``channels * channel_mult[i]`` channels."""
     channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1)
+    """One multiplier per resolution level; the image is halved between levels."""
     num_res_blocks: int = Field(3, gt=0)
+    """Residual blocks per level on the way down (the way up has one more)."""
     attention_resolutions: list[int] = Field(default_factory=lambda: [16, 8])
+    """Resolutions in pixels (e.g. 16 = the 16×16 level) whose ResBlocks are followed by self-attention.
+    The middle block always has attention."""
     num_heads: int = Field(4, gt=0)
     num_head_channels: int = -1
     """Channels per attention head; when > 0 it overrides ``num_heads``."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout inside every ResBlock (paper: 0.3 on CIFAR-10, 0 on ImageNet 64)."""
     use_scale_shift_norm: bool = True
+    """FiLM conditioning: ``norm(h)·(1+scale)+shift`` from the timestep embedding, instead of adding it."""
     resblock_updown: bool = False
+    """Resample with ResBlocks (BigGAN style) instead of strided / nearest + conv layers."""
     class_cond: bool = False
+    """Class-conditional embedding (plus a null class for unconditional use)."""
     use_checkpoint: bool = False
     """Activation (gradient) checkpointing per block."""
     channels_last: bool = False
+    """Keep weights and activations in NHWC (faster convolutions on recent GPUs)."""
+    norm_groups: int = Field(32, gt=0)
+    """GroupNorm groups; must divide every level's channel count."""
 
     @field_validator("channel_mult")
     @classmethod
@@ -73,13 +87,28 @@ class DiffusionConfig(_Section):
     vlb_weight: float = Field(0.001, ge=0.0)
     """λ in L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021, eq. 16)."""
     timestep_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
+    """How t is drawn: uniformly, or with p_t ∝ sqrt(E[L_t²]) from a loss history shared by all ranks
+    (Nichol & Dhariwal 2021, eq. 18; see ``trainer/timesteps.py``). The history is fed the per-sample
+    unweighted L_vlb term, so ``loss-second-moment`` needs loss ``hybrid`` or ``kl``."""
     history_per_term: int = Field(10, gt=0)
+    """N: recent L_t values kept per t; t is drawn uniformly until every t has N of them."""
     uniform_prob: float = Field(0.001, ge=0.0, le=1.0)
+    """u: uniform share mixed into the importance distribution, p = (1-u)·p_raw + u/T; it bounds
+    the importance weight 1/(T p_t) by 1/u."""
 
     @model_validator(mode="after")
     def _loss_needs_variance(self) -> DiffusionConfig:
         if self.loss == "hybrid" and self.var_type != "learned_range":
             raise ValueError("loss 'hybrid' needs var_type 'learned_range' (L_vlb trains the variance)")
+        return self
+
+    @model_validator(mode="after")
+    def _importance_sampling_needs_vlb(self) -> DiffusionConfig:
+        if self.timestep_sampler == "loss-second-moment" and self.loss == "mse":
+            raise ValueError(
+                "timestep_sampler 'loss-second-moment' needs loss 'hybrid' or 'kl' "
+                "(its history is fed the per-sample L_vlb term)"
+            )
         return self
 
 
@@ -94,8 +123,10 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0)
     """Global gradient-norm clip; 0 disables it."""
     ema_rates: list[float] = Field(default_factory=lambda: [0.9999])
-    precision: Literal["bf16", "fp32"] = "bf16"
-    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["bf16", "fp32"] | None = None
+    """None: the DeepSpeed JSON's ``bf16.enabled`` if ``deepspeed_config`` sets it, else bf16."""
+    zero_stage: int | None = Field(None, ge=0, le=3)
+    """None: the DeepSpeed JSON's ``zero_optimization.stage`` if set, else 2."""
     seed: int = 0
     log_every: int = Field(10, gt=0)
     sample_every: int = Field(0, ge=0)
@@ -125,8 +156,13 @@ class SampleConfig(_Section):
     steps: str = "50"
     """Respacing: "50", "10,15,20" (per section) or "ddim50"; empty string for all T steps."""
     eta: float = Field(0.0, ge=0.0)
+    """DDIM η (0: deterministic)."""
+    churn: float = Field(0.0, ge=0.0)
+    """EDM (Heun/Euler) stochastic churn S_churn; 0 is the deterministic ODE."""
     clip_denoised: bool = True
     use_ema: bool = True
+    ema_rate: float | None = None
+    """Which of ``train.ema_rates`` to sample from; None takes the first."""
     seed: int = 0
 
 
@@ -143,21 +179,39 @@ class ClusterConfig(_Section):
     """Defaults for ``cluster/submit.py``; its command-line flags win."""
 
     nodes: int = Field(1, ge=1)
+    """Nodes to allocate (``--nodes``)."""
     gpus_per_node: int = Field(0, ge=0)
-    tasks_per_node: int | None = None
+    """GPUs per node; one task (process) is started per GPU. 0 on a CPU-only cluster."""
+    tasks_per_node: int | None = Field(None, ge=1)
+    """Processes per node when ``gpus_per_node`` is 0 (None means 1); must equal it otherwise."""
     cpus_per_task: int = Field(4, ge=1)
-    mem_gb: float | None = None
+    """CPU cores per process; also its OMP_NUM_THREADS unless the environment sets one."""
+    mem_gb: float | None = Field(None, gt=0)
+    """Memory per node in GB (``--mem``); None takes the partition's default."""
     time_min: int = Field(60, ge=1)
+    """Time limit in minutes. submitit asks SLURM for SIGUSR2 ``signal_delay_s`` before it."""
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    """Node features (``--constraint``), e.g. ``a100|h100``."""
     exclusive: bool = False
+    """Whole nodes only (``--exclusive``)."""
     job_name: str = "iddpm"
     folder: str = "runs/slurm/%j"
+    """submitit's folder: sbatch script, pickles and per-rank logs. ``%j`` becomes the job id;
+    ``cluster/status.py`` lists the jobs under the part before the first ``%``."""
     dependency: str | None = None
+    """sbatch ``--dependency``, e.g. ``afterok:1234``."""
     slurm_args: dict[str, Any] = Field(default_factory=dict)
+    """Extra ``#SBATCH --key=value`` lines (``True`` for a bare flag), e.g. ``{mail-type: END}``."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run in the batch script before the tasks start, e.g. ``module load cuda``."""
+    signal_delay_s: int = Field(90, ge=10)
+    """Seconds before the time limit at which SLURM sends SIGUSR2 (checkpoint and requeue): must cover
+    finishing a step plus writing a checkpoint."""
     max_requeues: int = Field(10, ge=0)
+    """Requeues allowed after the time limit is reached (preemptions are not counted)."""
 
 
 class Config(_Section):
@@ -168,6 +222,17 @@ class Config(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _sample_rate_is_trained(self) -> Config:
+        rate = self.sample.ema_rate
+        if rate is not None and rate not in self.train.ema_rates:
+            raise ValueError(f"sample.ema_rate {rate} is not one of train.ema_rates {self.train.ema_rates}")
+        return self
+
+    @property
+    def sample_ema_rate(self) -> float:
+        return self.sample.ema_rate if self.sample.ema_rate is not None else self.train.ema_rates[0]
 
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"train.lr": 1e-4, ...}``: the form MLflow params take."""
@@ -258,13 +323,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     value = first.get("input")
     shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
     more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
-    return f"{source}: {key}: {msg}{shown}{more}"
+    where = f"{key}: " if key else ""
+    return f"{source}: {where}{msg}{shown}{more}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:

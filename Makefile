@@ -1,0 +1,50 @@
+# The commands the README gives. Each one does its own setup: `make quickstart` and `make test`
+# work on a fresh clone (they create .venv and install torch first, then the package).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default; on a GPU cluster use e.g. TORCH_SPEC='torch==2.13.0' with the CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+NPROC ?= 2
+QS_DATA := data/digits16
+export OMP_NUM_THREADS ?= 1
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+
+.PHONY: setup quickstart shards train-quickstart test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+shards: setup
+	$(PY) -m data_prep make --source digits --out $(QS_DATA) --image-size 16 --channels 1 \
+		--val-fraction 0.1 --max-per-shard 256
+
+train-quickstart: shards
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $$($(PY) -c 'from trainer.distributed import free_port; print(free_port())') \
+		trainer/main.py --config configs/quickstart.yaml --resume none
+
+quickstart: train-quickstart
+	@echo
+	@echo "Done. Sample grid: runs/quickstart/samples/ (newest file). Look at the run with:"
+	@echo "    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+test: setup
+	$(PY) -m cluster.dev.harness ensure
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf runs data mlruns mlflow.db .pytest_cache

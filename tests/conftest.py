@@ -1,0 +1,40 @@
+"""Shared fixtures: real shards built once per session with the data_prep CLI, and process helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: one OpenMP thread each (2 cores, several ranks)."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MLFLOW_ALLOW_FILE_STORE="true")
+    env.update(extra)
+    return env
+
+
+def run_cmd(args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quickstart's dataset (scikit-learn digits at 16x16) as real webdataset shards."""
+    out = tmp_path_factory.mktemp("digits16")
+    proc = run_cmd(
+        [sys.executable, "-m", "data_prep", "make", "--source", "digits", "--out", str(out),
+         "--image-size", "16", "--channels", "1", "--val-fraction", "0.1", "--max-per-shard", "256"],
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "manifest.json").is_file()
+    return out

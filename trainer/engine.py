@@ -1,0 +1,100 @@
+"""DeepSpeed wrapping: config assembly, optimizer, LR schedule, and the model call used by the losses."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import Config, ConfigError
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed config: a user JSON (optional) under the values derived from our YAML, under
+    ``train.deepspeed`` overrides. Batch size, accumulation, clipping, ZeRO stage and precision come
+    from our config so that one file describes the run."""
+    base: dict[str, Any] = {}
+    if cfg.train.deepspeed_config:
+        path = Path(cfg.train.deepspeed_config)
+        try:
+            base = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"train.deepspeed_config: file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"train.deepspeed_config: {path}: invalid JSON ({err.msg}, line {err.lineno})") from None
+        if "optimizer" in base:
+            # A DeepSpeed "optimizer" block selects FusedAdam and JIT-compiles it; we pass torch AdamW.
+            raise ConfigError(f"train.deepspeed_config: {path}: remove 'optimizer' (set train.lr/weight_decay)")
+    stage = cfg.train.zero_stage
+    if stage is None:
+        stage = base.get("zero_optimization", {}).get("stage", 2)
+    bf16 = cfg.train.precision == "bf16" if cfg.train.precision else base.get("bf16", {}).get("enabled", True)
+    derived = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    merged = _merge(_merge(base, derived), cfg.train.deepspeed)
+    merged.pop("train_batch_size", None)  # derived by DeepSpeed from micro-batch × accumulation × world
+    return merged
+
+
+def _merge(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    out = dict(lower)
+    for k, v in upper.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimizer step ``s``: linear warm-up, then constant or cosine decay."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def build_engine(cfg: Config, model: torch.nn.Module) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine with torch AdamW (no FusedAdam JIT build) and a LambdaLR."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.total_steps, cfg.train.lr_schedule)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+    return engine
+
+
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def model_fn(engine: Any) -> Callable[..., torch.Tensor]:
+    """The model as the diffusion losses call it: float32 in, float32 out.
+
+    With bf16 enabled DeepSpeed stores the module in bf16, so inputs are cast to the parameter dtype;
+    the output is cast back to float32 because the variance and KL arithmetic must stay in float32.
+    """
+    dtype = param_dtype(engine.module)
+
+    def call(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return engine(x.to(dtype), t, **kwargs).float()
+
+    return call
