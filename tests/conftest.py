@@ -31,8 +31,24 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart's dataset (scikit-learn digits at 16x16) as real webdataset shards."""
     out = tmp_path_factory.mktemp("digits16")
     proc = run_cmd(
-        [sys.executable, "-m", "data_prep", "make", "--source", "digits", "--out", str(out),
-         "--image-size", "16", "--channels", "1", "--val-fraction", "0.1", "--max-per-shard", "256"],
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "make",
+            "--source",
+            "digits",
+            "--out",
+            str(out),
+            "--image-size",
+            "16",
+            "--channels",
+            "1",
+            "--val-fraction",
+            "0.1",
+            "--max-per-shard",
+            "256",
+        ],
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

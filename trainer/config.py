@@ -7,6 +7,7 @@ that names the file, the key and the offending value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,13 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(1000, ge=0)
     random_flip: bool = True
     seed: int = 0
+    on_error: Literal["skip", "raise"] = "skip"
+    """Corrupt samples, truncated or unreadable shards: "skip" (warn once per shard, count in
+    ``stream.stats()``) or "raise" (stop with the first problem)."""
+    prefetch_factor: int = Field(2, ge=1)
+    """Batches each DataLoader worker prepares ahead (only with ``num_workers > 0``)."""
+    pin_memory: bool = False
+    """Page-locked batches for faster, asynchronous host-to-GPU copies (CUDA only)."""
 
 
 class ModelConfig(_Section):
@@ -155,6 +163,12 @@ class SampleConfig(_Section):
     method: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"
     steps: str = "50"
     """Respacing: "50", "10,15,20" (per section) or "ddim50"; empty string for all T steps."""
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
     eta: float = Field(0.0, ge=0.0)
     """DDIM η (0: deterministic)."""
     churn: float = Field(0.0, ge=0.0)
@@ -299,10 +313,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw
     # YAML 1.1 reads "2e-4" as a string; users mean a number.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
     return parts, value
 
 
@@ -327,7 +339,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     value = first.get("input")
-    shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+    shown = (
+        ""
+        if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict)
+        else f" (got {value!r})"
+    )
     more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
     where = f"{key}: " if key else ""
     return f"{source}: {where}{msg}{shown}{more}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,9 @@ def _read_env() -> tuple[int, int, int, int]:
     if not present:
         # A plain single process: give DeepSpeed a complete world of one. Without LOCAL_RANK it would
         # try MPI discovery (mpi4py) and fail.
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     else:
         missing = [k for k in _REQUIRED if k not in env]
         if missing:
@@ -90,6 +93,8 @@ def _skip_cpu_shm_op_build() -> None:
 def init_distributed() -> DistEnv:
     """Read the launcher's environment, pick device and backend, and initialise the process group."""
     rank, local_rank, world, local_world = _read_env()
+    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     device, backend = _pick_device(local_rank)
     if device.type == "cpu":
         _limit_cpu_threads(local_world)

@@ -206,7 +206,11 @@ class Trainer:
         restarts = distributed.restart_count()
         if env.is_main:
             info = _read_run_info(self.out)
-            info.update(mlflow_run_id=self.tracker.run_id, tracking_uri=resolve_uri(cfg.tracking.uri), restarts=restarts)
+            info.update(
+                mlflow_run_id=self.tracker.run_id,
+                tracking_uri=resolve_uri(cfg.tracking.uri),
+                restarts=restarts,
+            )
             _write_run_info(self.out, info)
         if fresh:
             self.tracker.log_params(cfg.to_flat_dict())
@@ -240,8 +244,11 @@ class Trainer:
         if torch.distributed.is_initialized() and self.env.world_size > 1:
             torch.distributed.all_gather_object(digests, digest)
             if len(set(digests)) > 1:
-                print(f"warning: rank {self.env.rank}: model replicas differ across ranks at step {self.step}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: rank {self.env.rank}: model replicas differ across ranks at step {self.step}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         tag_dir = self.ckpt.save(self.engine, self.step, common, per_rank)
         self.export(tag_dir / "export.pt")
         _log(self.env, f"checkpoint saved: {tag_dir}")
@@ -266,11 +273,20 @@ class Trainer:
     def sample_grid(self) -> None:
         """A grid from the EMA weights (rank 0 samples; gathering the EMA is collective)."""
         cfg = self.cfg
-        weights = self.ema.full_state_dict(cfg.sample_ema_rate) if cfg.sample.use_ema else _full_model_state(self.engine)
+        weights = (
+            self.ema.full_state_dict(cfg.sample_ema_rate)
+            if cfg.sample.use_ema
+            else _full_model_state(self.engine)
+        )
         if self.env.is_main:
             t0 = time.perf_counter()
             png, arr = generate_grid(
-                cfg, weights, self.manifest.image_size, self.manifest.channels, self.num_classes, self.env.device
+                cfg,
+                weights,
+                self.manifest.image_size,
+                self.manifest.channels,
+                self.num_classes,
+                self.env.device,
             )
             dt = time.perf_counter() - t0
             samples_dir = self.out / "samples"
@@ -285,7 +301,8 @@ class Trainer:
     def log_importance(self) -> None:
         if self.env.is_main:
             self.tracker.log_artifact_bytes(
-                plot_timestep_importance(self.sampler, self.step), f"timesteps/importance_step_{self.step:08d}.png"
+                plot_timestep_importance(self.sampler, self.step),
+                f"timesteps/importance_step_{self.step:08d}.png",
             )
 
     # -------------------------------------------------------------- the loop
@@ -293,7 +310,12 @@ class Trainer:
         cfg, env = self.cfg, self.env
         total, accum = cfg.train.total_steps, cfg.train.grad_accum
         stream = build_train_stream(
-            cfg.data, self.manifest, rank=env.rank, world_size=env.world_size, seed=cfg.data.seed, start_step=self.step
+            cfg.data,
+            self.manifest,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.data.seed,
+            start_step=self.step,
         )
         batches = iter(stream)
         plot_every = cfg.train.importance_plot_every or cfg.train.ckpt_every
@@ -333,7 +355,9 @@ class Trainer:
                 window["mse"] += terms["mse"].mean().item()
                 if "vb" in terms:
                     window["vb"] += terms["vb"].mean().item()
-                for k, v in loss_quartile_metrics(t, terms["loss"].detach(), self.diffusion.num_timesteps).items():
+                for k, v in loss_quartile_metrics(
+                    t, terms["loss"].detach(), self.diffusion.num_timesteps
+                ).items():
                     window[k] += v
                     window[f"{k}_n"] += 1
                 window_n += 1
@@ -346,7 +370,11 @@ class Trainer:
                 now = time.perf_counter()
                 metrics = {k: v / window_n for k, v in window.items() if k in ("loss", "mse", "vb")}
                 metrics.update(
-                    {k: v / window[f"{k}_n"] for k, v in window.items() if k.startswith("loss_q") and "_n" not in k}
+                    {
+                        k: v / window[f"{k}_n"]
+                        for k, v in window.items()
+                        if k.startswith("loss_q") and "_n" not in k
+                    }
                 )
                 metrics = _mean_across_ranks(metrics, env.device)
                 steps_done = window_n / accum

@@ -99,12 +99,18 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
     t0 = time.perf_counter()
-    arr, ys = sample_images(cfg, model, shape, s.num_samples, num_classes, device, labels=labels, progress=progress)
+    arr, ys = sample_images(
+        cfg, model, shape, s.num_samples, num_classes, device, labels=labels, progress=progress
+    )
     dt = time.perf_counter() - t0
     bar.close()
 
     ckpt_path = Path(meta["path"])
-    out = Path(args.out) if args.out else ckpt_path.parent / "samples" / f"{s.method}_{s.steps or 'all'}_{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(args.out)
+        if args.out
+        else ckpt_path.parent / "samples" / f"{s.method}_{s.steps or 'all'}_{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "samples.npz", images=arr, labels=ys)
     (out / "grid.png").write_bytes(grid_png(arr, scale=max(1, 128 // meta["image_size"])))

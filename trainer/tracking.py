@@ -99,12 +99,16 @@ class MlflowTracker(Tracker):
                 self._skip_until_step = self._last_logged_step(run_id)
                 return run.info.run_id
             exp = self.client.get_experiment_by_name(self.cfg.experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.cfg.experiment)
+            exp_id = (
+                exp.experiment_id if exp is not None else self.client.create_experiment(self.cfg.experiment)
+            )
             run = self.client.create_run(exp_id, run_name=run_name)
             self.experiment_id = exp_id
             return run.info.run_id
         except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            _warn(f"MLflow at {self.cfg.uri} unavailable, training continues untracked: {type(err).__name__}: {err}")
+            _warn(
+                f"MLflow at {self.cfg.uri} unavailable, training continues untracked: {type(err).__name__}: {err}"
+            )
             return None
 
     def _last_logged_step(self, run_id: str) -> int:
@@ -131,7 +135,9 @@ class MlflowTracker(Tracker):
         local = self._tmp / artifact_path
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(data)
-        self._submit("artifact", str(local), str(Path(artifact_path).parent) if "/" in artifact_path else None)
+        self._submit(
+            "artifact", str(local), str(Path(artifact_path).parent) if "/" in artifact_path else None
+        )
 
     def log_artifact_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
         self._submit("artifact", str(path), artifact_dir)
@@ -186,7 +192,9 @@ class MlflowTracker(Tracker):
                     self._pending.popleft()
                     continue
                 if not self._failed_once:
-                    _warn(f"MLflow call failed, will retry every {self._retry_s:.0f}s: {type(err).__name__}: {err}")
+                    _warn(
+                        f"MLflow call failed, will retry every {self._retry_s:.0f}s: {type(err).__name__}: {err}"
+                    )
                     self._failed_once = True
                 return False
             self._pending.popleft()
@@ -240,7 +248,9 @@ def resolve_uri(uri: str) -> str:
 def create_tracker(cfg: TrackingConfig, is_main: bool, run_id: str | None, run_name: str | None) -> Tracker:
     if not (cfg.enabled and is_main):
         return Tracker()
-    return MlflowTracker(cfg.model_copy(update={"uri": resolve_uri(cfg.uri)}), run_id=run_id, run_name=run_name)
+    return MlflowTracker(
+        cfg.model_copy(update={"uri": resolve_uri(cfg.uri)}), run_id=run_id, run_name=run_name
+    )
 
 
 def log_to_run(

@@ -32,7 +32,13 @@ TINY = [
 def _launch(launcher: str, nproc: int, args: list[str]) -> tuple[int, str]:
     port = str(free_port())
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={port}",
+        ]
     elif launcher == "deepspeed":
         cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}"]
     else:
@@ -54,9 +60,7 @@ def _mlflow_run(uri: str, experiment: str):  # noqa: ANN202 - mlflow entity
 
 
 def _rank_states(tag_dir: Path) -> list[dict]:
-    return [
-        torch.load(tag_dir / "trainer" / f"rank_{r}.pt", weights_only=True) for r in range(2)
-    ]
+    return [torch.load(tag_dir / "trainer" / f"rank_{r}.pt", weights_only=True) for r in range(2)]
 
 
 def test_two_ranks_torchrun_zero2_bf16_then_resume(digits_shards: Path, tmp_path: Path) -> None:
@@ -79,7 +83,10 @@ def test_two_ranks_torchrun_zero2_bf16_then_resume(digits_shards: Path, tmp_path
 
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000006"
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_00000003", "step_00000006"]
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == [
+        "step_00000003",
+        "step_00000006",
+    ]
     # Both ranks end with identical parameters and identical EMA shadows.
     r0, r1 = _rank_states(ckpts / "step_00000006")
     assert r0["param_digest"] is not None and r0["param_digest"] == r1["param_digest"]
@@ -157,7 +164,9 @@ def test_single_plain_process_zero0(digits_shards: Path, tmp_path: Path) -> None
 
 def test_missing_checkpoint_is_one_line(digits_shards: Path, tmp_path: Path) -> None:
     code, log = _launch(
-        "python", 1, [f"data.root={digits_shards}", f"train.output_dir={tmp_path}", "--resume", str(tmp_path / "nope")]
+        "python",
+        1,
+        [f"data.root={digits_shards}", f"train.output_dir={tmp_path}", "--resume", str(tmp_path / "nope")],
     )
     assert code == 2
     assert f"error: --resume {tmp_path / 'nope'}: checkpoint not found" in log

@@ -47,10 +47,18 @@ def test_flat_params_cover_every_leaf() -> None:
         ("model:\n  chanels: 3\n", [], "model.chanels: unknown key"),
         ("", ["train.lr=-1"], "train.lr: Input should be greater than 0 (got -1)"),
         ("diffusion:\n  schedule: cosinus\n", [], "diffusion.schedule: Input should be 'cosine' or 'linear'"),
-        ("train:\n  zero_stage: 4\n", [], "train.zero_stage: Input should be less than or equal to 3 (got 4)"),
+        (
+            "train:\n  zero_stage: 4\n",
+            [],
+            "train.zero_stage: Input should be less than or equal to 3 (got 4)",
+        ),
         ("data:\n  batch_size: many\n", [], "data.batch_size: Input should be a valid integer"),
         ("train:\n  ema_rates: [1.5]\n", [], "train.ema_rates: every EMA rate must lie in (0, 1)"),
-        ("diffusion:\n  var_type: fixed_small\n", [], "diffusion: loss 'hybrid' needs var_type 'learned_range'"),
+        (
+            "diffusion:\n  var_type: fixed_small\n",
+            [],
+            "diffusion: loss 'hybrid' needs var_type 'learned_range'",
+        ),
         ("sample:\n  ema_rate: 0.5\n", [], "sample.ema_rate 0.5 is not one of train.ema_rates"),
         ("", ["train.lr"], "override 'train.lr': expected key.path=value"),
         ("", ["train.lr.x=1"], "train.lr: Input should be a valid number"),
@@ -94,14 +102,21 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
 
 
 def test_deepspeed_config_layers(tmp_path: Path) -> None:
-    user = write(tmp_path, "ds.json", '{"zero_optimization": {"stage": 3, "overlap_comm": true}, "bf16": {"enabled": false}}')
+    user = write(
+        tmp_path,
+        "ds.json",
+        '{"zero_optimization": {"stage": 3, "overlap_comm": true}, "bf16": {"enabled": false}}',
+    )
     cfg = load_config(None, [f"train.deepspeed_config={user}", "data.batch_size=8", "train.grad_accum=2"])
     ds = deepspeed_config(cfg)
     # Unset YAML stage/precision fall back to the JSON's; derived batch settings are ours.
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert ds["bf16"] == {"enabled": False}
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
-    cfg = load_config(None, [f"train.deepspeed_config={user}", "train.zero_stage=1", "train.deepspeed={bf16: {enabled: true}}"])
+    cfg = load_config(
+        None,
+        [f"train.deepspeed_config={user}", "train.zero_stage=1", "train.deepspeed={bf16: {enabled: true}}"],
+    )
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"] is True
     bad = write(tmp_path, "opt.json", '{"optimizer": {"type": "AdamW"}}')

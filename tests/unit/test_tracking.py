@@ -40,7 +40,9 @@ def test_logs_params_metrics_artifacts_and_resumes_without_duplicates(tmp_path: 
     assert client.get_run(tr.run_id).info.status == "FINISHED"
 
 
-def test_transient_failures_are_retried_and_nothing_is_lost(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_transient_failures_are_retried_and_nothing_is_lost(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = _cfg(tmp_path)
     tr = MlflowTracker(cfg, run_id=None, run_name=None, retry_s=0.2)
     real = tr.client.log_batch
@@ -80,7 +82,10 @@ def test_dead_server_is_not_fatal_and_does_not_block(capsys: pytest.CaptureFixtu
 
 def test_non_main_ranks_and_disabled_tracking_do_nothing(tmp_path: Path) -> None:
     assert type(create_tracker(_cfg(tmp_path), is_main=False, run_id=None, run_name=None)) is Tracker
-    assert type(create_tracker(_cfg(tmp_path, enabled=False), is_main=True, run_id=None, run_name=None)) is Tracker
+    assert (
+        type(create_tracker(_cfg(tmp_path, enabled=False), is_main=True, run_id=None, run_name=None))
+        is Tracker
+    )
     assert not (tmp_path / "mlflow.db").exists()
 
 
