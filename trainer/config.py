@@ -32,12 +32,17 @@ class DataConfig(_Section):
     """Shard URL(s) for training, overriding the manifest: a brace pattern, ``pipe:``/``http(s)`` URL,
     or several separated by spaces. Relative paths are resolved against ``root``."""
     val_shards: str | None = None
+    """Shard URL(s) for evaluation, overriding the manifest (same forms as ``train_shards``)."""
     batch_size: int = Field(64, gt=0)
     """Per-rank micro-batch size."""
     num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per rank (0: decode in the training process)."""
     shuffle_buffer: int = Field(1000, ge=0)
+    """Samples each worker holds to shuffle across shard boundaries (0 or 1: no shuffle)."""
     random_flip: bool = True
+    """Flip training images left-right with probability 1/2."""
     seed: int = 0
+    """Data-order seed; each (rank, worker, start step) draws its own stream from it."""
     on_error: Literal["skip", "raise"] = "skip"
     """Corrupt samples, truncated or unreadable shards: "skip" (warn once per shard, count in
     ``stream.stats()``) or "raise" (stop with the first problem)."""
@@ -108,6 +113,11 @@ class DiffusionConfig(_Section):
     def _loss_needs_variance(self) -> DiffusionConfig:
         if self.loss == "hybrid" and self.var_type != "learned_range":
             raise ValueError("loss 'hybrid' needs var_type 'learned_range' (L_vlb trains the variance)")
+        if self.loss == "mse" and self.var_type == "learned_range":
+            raise ValueError(
+                "loss 'mse' with var_type 'learned_range' never trains the variance channels: "
+                "use var_type fixed_small/fixed_large, or loss hybrid"
+            )
         return self
 
     @model_validator(mode="after")
