@@ -59,6 +59,7 @@ def test_flat_params_cover_every_leaf() -> None:
             [],
             "diffusion: loss 'hybrid' needs var_type 'learned_range'",
         ),
+        ("diffusion:\n  loss: mse\n", [], "diffusion: loss 'mse' with var_type 'learned_range' never trains"),
         ("sample:\n  ema_rate: 0.5\n", [], "sample.ema_rate 0.5 is not one of train.ema_rates"),
         ("", ["train.lr"], "override 'train.lr': expected key.path=value"),
         ("", ["train.lr.x=1"], "train.lr: Input should be a valid number"),
