@@ -26,7 +26,9 @@ shards: setup
 	$(PY) -m data_prep make --source digits --out $(QS_DATA) --image-size 16 --channels 1 \
 		--val-fraction 0.1 --max-per-shard 256
 
+# The demo starts over each time (its MLflow runs accumulate in mlflow.db).
 train-quickstart: shards
+	rm -rf runs/quickstart
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $$($(PY) -c 'from trainer.distributed import free_port; print(free_port())') \
 		trainer/main.py --config configs/quickstart.yaml --resume none
 
@@ -43,8 +45,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Benchmarks write bench/results/*.json and *.md; run them on an otherwise idle machine.
 bench: setup
-	$(PY) -m bench.run_all
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf runs data mlruns mlflow.db .pytest_cache

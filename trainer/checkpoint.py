@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -108,8 +112,16 @@ class CheckpointManager:
         return path
 
     # ------------------------------------------------------------------ save / load
-    def save(self, engine: Any, step: int, common: dict[str, Any], per_rank: dict[str, Any]) -> Path:
-        """Collective: every rank must call it."""
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        common: dict[str, Any],
+        per_rank: dict[str, Any],
+        before_complete: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Collective: every rank must call it. ``before_complete(tag_dir)`` (also collective) writes
+        anything else that belongs to the checkpoint before it is marked complete."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         if self.env.is_main:
@@ -123,6 +135,9 @@ class CheckpointManager:
         _atomic_torch_save(per_rank, own / f"rank_{self.env.rank}.pt")
         if self.env.is_main:
             _atomic_torch_save(common, own / "common.pt")
+        if before_complete is not None:
+            before_complete(tag_dir)
+        os.sync()  # DeepSpeed's files too must be on disk before COMPLETE can be
         barrier()
         if self.env.is_main:
             meta = {"step": step, "world_size": self.env.world_size}

@@ -349,11 +349,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     value = first.get("input")
-    shown = (
-        ""
-        if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict)
-        else f" (got {value!r})"
-    )
+    shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
     more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
     where = f"{key}: " if key else ""
     return f"{source}: {where}{msg}{shown}{more}"

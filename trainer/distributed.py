@@ -13,11 +13,18 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
+
 _REQUIRED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LauncherError(RuntimeError):
+    """The launcher's environment is incomplete or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -47,13 +54,11 @@ def _read_env() -> tuple[int, int, int, int]:
     if not present:
         # A plain single process: give DeepSpeed a complete world of one. Without LOCAL_RANK it would
         # try MPI discovery (mpi4py) and fail.
-        env.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-        )
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     else:
         missing = [k for k in _REQUIRED if k not in env]
         if missing:
-            raise RuntimeError(
+            raise LauncherError(
                 f"incomplete distributed environment: {', '.join(missing)} not set "
                 f"(set all of {', '.join(_REQUIRED)}, or use torchrun / deepspeed / cluster/submit.py)"
             )
@@ -124,8 +129,8 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def broadcast_str(value: str | None, device: torch.device, src: int = 0) -> str | None:
-    """Send a short string from ``src`` to every rank (used for the MLflow run id)."""
+def broadcast_object(value: T, device: torch.device, src: int = 0) -> T:
+    """Send a small picklable value from ``src`` to every rank (our own processes: trusted data)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     obj = [value]

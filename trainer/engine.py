@@ -25,14 +25,10 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         except FileNotFoundError:
             raise ConfigError(f"train.deepspeed_config: file not found: {path}") from None
         except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"train.deepspeed_config: {path}: invalid JSON ({err.msg}, line {err.lineno})"
-            ) from None
+            raise ConfigError(f"train.deepspeed_config: {path}: invalid JSON ({err.msg}, line {err.lineno})") from None
         if "optimizer" in base:
             # A DeepSpeed "optimizer" block selects FusedAdam and JIT-compiles it; we pass torch AdamW.
-            raise ConfigError(
-                f"train.deepspeed_config: {path}: remove 'optimizer' (set train.lr/weight_decay)"
-            )
+            raise ConfigError(f"train.deepspeed_config: {path}: remove 'optimizer' (set train.lr/weight_decay)")
     stage = cfg.train.zero_stage
     if stage is None:
         stage = base.get("zero_optimization", {}).get("stage", 2)

@@ -29,24 +29,34 @@ from typing import Any
 
 import torch
 
+from data_prep.manifest import ManifestError
 from trainer import distributed, preemption
-from trainer.checkpoint import CheckpointError, CheckpointManager, export_weights, rng_state, set_rng_state
+from trainer.checkpoint import (
+    EXPORT_NAME,
+    CheckpointError,
+    CheckpointManager,
+    export_weights,
+    rng_state,
+    set_rng_state,
+)
 from trainer.config import Config, ConfigError, dump_config, load_config
-from trainer.data import build_train_stream, load_manifest
+from trainer.data import DataError, build_train_stream, load_manifest
 from trainer.diffusion import create_diffusion
 from trainer.ema import EMA
 from trainer.engine import build_engine, model_fn
+from trainer.metrics import LossWindow
 from trainer.models.unet import build_unet, count_parameters, estimate_flops_per_image
 from trainer.sampling import generate_grid
 from trainer.timesteps import (
     create_timestep_sampler,
-    loss_quartile_metrics,
     plot_timestep_importance,
     sampler_summary_metrics,
 )
 from trainer.tracking import Tracker, create_tracker, resolve_uri
 
 RUN_INFO = "run_info.json"
+USER_ERRORS = (ConfigError, CheckpointError, ManifestError, DataError, distributed.LauncherError)
+"""Problems with what the user gave us: reported as one line, exit status 2."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,16 +100,6 @@ def _write_run_info(out: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, out / RUN_INFO)
 
 
-def _mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not values or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    t /= torch.distributed.get_world_size()
-    return dict(zip(keys, t.tolist(), strict=True))
-
-
 def _param_digest(module: torch.nn.Module) -> str | None:
     """SHA-256 of this rank's parameter bytes: equal on every rank when replicas agree (None under ZeRO-3,
     where each rank holds a different shard)."""
@@ -139,17 +139,18 @@ class Trainer:
         self.manifest = load_manifest(cfg.data.root)
         self.num_classes = self.manifest.num_classes if cfg.model.class_cond else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_unet(
-            cfg.model,
-            image_size=self.manifest.image_size,
-            in_channels=self.manifest.channels,
-            learn_sigma=cfg.diffusion.var_type == "learned_range",
-            num_classes=self.num_classes,
-        )
+        try:
+            model = build_unet(
+                cfg.model,
+                image_size=self.manifest.image_size,
+                in_channels=self.manifest.channels,
+                learn_sigma=cfg.diffusion.var_type == "learned_range",
+                num_classes=self.num_classes,
+            )
+        except ValueError as err:  # an architecture impossible for these images: a config problem
+            raise ConfigError(f"{err} (images are {self.manifest.image_size}px)") from None
         self.n_params = count_parameters(model)
-        self.flops = estimate_flops_per_image(
-            model, self.manifest.image_size, self.manifest.channels, self.num_classes
-        )
+        self.flops = estimate_flops_per_image(model, self.manifest.image_size, self.manifest.channels, self.num_classes)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # From here on each rank needs its own stream (noise, timesteps, dropout): identical streams
@@ -183,35 +184,68 @@ class Trainer:
     # -------------------------------------------------------------- resume and tracking
     def resume(self, resume: str | None) -> str | None:
         """Load the checkpoint named by ``--resume``; returns the MLflow run id to continue, if any."""
+        env = self.env
         run_id = _read_run_info(self.out).get("mlflow_run_id") if resume != "none" else None
-        tag_dir = self.ckpt.resolve(resume)
-        if tag_dir is None:
+        # Rank 0 picks the checkpoint and tells the others: on a network filesystem ranks can see
+        # different directory listings, and every rank must load the same one.
+        choice: tuple[str | None, str | None] = (None, None)
+        if env.is_main:
+            try:
+                found = self.ckpt.resolve(resume)
+                newest = self.ckpt.latest()
+                if found is None and resume == "none" and newest is not None:
+                    raise CheckpointError(
+                        f"{self.ckpt.root} already holds checkpoints (newest {newest.name}): use --resume auto to "
+                        "continue that run, or set another train.output_dir"
+                    )
+                choice = (str(found) if found else None, None)
+            except CheckpointError as err:
+                choice = (None, str(err))
+        path, error = distributed.broadcast_object(choice, env.device)
+        if error:
+            raise CheckpointError(error)
+        if path is None:
             if resume == "auto":
-                _log(self.env, f"no checkpoint in {self.ckpt.root}: starting from scratch")
+                _log(env, f"no checkpoint in {self.ckpt.root}: starting from scratch")
             return run_id
-        common, per_rank = self.ckpt.load(self.engine, tag_dir)
+        tag_dir = Path(path)
+        failure: str | None = None
+        try:
+            common, per_rank = self.ckpt.load(self.engine, tag_dir)
+            self._restore(common, per_rank, tag_dir)
+        except CheckpointError as err:
+            failure = str(err)
+        except (KeyError, ValueError, RuntimeError) as err:
+            failure = f"{tag_dir}: cannot restore this run from it ({type(err).__name__}: {err})"
+        # A file missing on one rank must stop every rank, not leave the others waiting in a collective.
+        if distributed.any_rank(failure is not None, env.device):
+            raise CheckpointError(failure or f"{tag_dir}: another rank could not load this checkpoint")
+        _log(env, f"resumed from {tag_dir} at step {self.step}")
+        return common.get("mlflow_run_id") or run_id
+
+    def _restore(self, common: dict[str, Any], per_rank: dict[str, Any], tag_dir: Path) -> None:
         self.step = int(common["step"])
         self.samples_seen = int(common["samples_seen"])
         self.sampler.load_state_dict(common["timestep_sampler"])
-        self.ema.load_state_dict(per_rank["ema"])
-        set_rng_state(per_rank["rng"])
         self.curves.update({k: [tuple(p) for p in v] for k, v in common.get("curves", {}).items()})
-        _log(self.env, f"resumed from {tag_dir} at step {self.step}")
-        return common.get("mlflow_run_id") or run_id
+        saved_world = int(common.get("world_size", self.env.world_size))
+        if saved_world != self.env.world_size and self.ema.zero3:
+            raise CheckpointError(
+                f"{tag_dir}: saved by {saved_world} ranks under ZeRO-3; resume it with the same number of ranks"
+            )
+        self.ema.load_state_dict(per_rank["ema"])  # replicated below ZeRO-3: any rank's copy will do
+        if saved_world == self.env.world_size:
+            set_rng_state(per_rank["rng"])
+        else:
+            # New ranks have no saved stream; give every rank a fresh one that differs per rank and step.
+            torch.manual_seed((self.cfg.train.seed * 1_000_003 + self.env.rank + 1) * 7919 + self.step)
 
     def start_tracking(self, run_id: str | None) -> None:
         cfg, env = self.cfg, self.env
         fresh = run_id is None
         self.tracker = create_tracker(cfg.tracking, env.is_main, run_id, cfg.tracking.run_name)
         restarts = distributed.restart_count()
-        if env.is_main:
-            info = _read_run_info(self.out)
-            info.update(
-                mlflow_run_id=self.tracker.run_id,
-                tracking_uri=resolve_uri(cfg.tracking.uri),
-                restarts=restarts,
-            )
-            _write_run_info(self.out, info)
+        self._record_run_info(restarts=restarts)
         if fresh:
             self.tracker.log_params(cfg.to_flat_dict())
             self.tracker.log_params(
@@ -229,13 +263,26 @@ class Trainer:
         if self.tracker.ui_hint:
             _log(env, self.tracker.ui_hint)
 
+    def _record_run_info(self, **extra: Any) -> None:
+        """Keep ``run_info.json`` (read by ``--resume auto`` and cluster/) in step with the tracker. A known
+        run id is never replaced by None, so a tracking outage cannot fork the MLflow run on restart."""
+        if not self.env.is_main:
+            return
+        info = _read_run_info(self.out)
+        new = dict(info, tracking_uri=resolve_uri(self.cfg.tracking.uri), **extra)
+        if self.tracker.run_id:
+            new["mlflow_run_id"] = self.tracker.run_id
+        if new != info:
+            _write_run_info(self.out, new)
+
     # -------------------------------------------------------------- persistence
     def save(self) -> Path:
         common = {
             "step": self.step,
             "samples_seen": self.samples_seen,
             "timestep_sampler": self.sampler.state_dict(),
-            "mlflow_run_id": self.tracker.run_id if self.env.is_main else None,
+            "mlflow_run_id": self.tracker.run_id or _read_run_info(self.out).get("mlflow_run_id"),
+            "world_size": self.env.world_size,
             "curves": {k: [list(p) for p in v] for k, v in self.curves.items()},
         }
         digest = _param_digest(self.engine.module)
@@ -249,8 +296,10 @@ class Trainer:
                     file=sys.stderr,
                     flush=True,
                 )
-        tag_dir = self.ckpt.save(self.engine, self.step, common, per_rank)
-        self.export(tag_dir / "export.pt")
+        tag_dir = self.ckpt.save(
+            self.engine, self.step, common, per_rank, before_complete=lambda d: self.export(d / EXPORT_NAME)
+        )
+        self._record_run_info()
         _log(self.env, f"checkpoint saved: {tag_dir}")
         return tag_dir
 
@@ -274,20 +323,22 @@ class Trainer:
         """A grid from the EMA weights (rank 0 samples; gathering the EMA is collective)."""
         cfg = self.cfg
         weights = (
-            self.ema.full_state_dict(cfg.sample_ema_rate)
-            if cfg.sample.use_ema
-            else _full_model_state(self.engine)
+            self.ema.full_state_dict(cfg.sample_ema_rate) if cfg.sample.use_ema else _full_model_state(self.engine)
         )
         if self.env.is_main:
             t0 = time.perf_counter()
-            png, arr = generate_grid(
-                cfg,
-                weights,
-                self.manifest.image_size,
-                self.manifest.channels,
-                self.num_classes,
-                self.env.device,
-            )
+            # Building the sampling model draws initial weights from the global RNG: keep the training
+            # stream untouched so a resumed run continues exactly like an uninterrupted one.
+            cuda = [self.env.device] if self.env.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                png, arr = generate_grid(
+                    cfg,
+                    weights,
+                    self.manifest.image_size,
+                    self.manifest.channels,
+                    self.num_classes,
+                    self.env.device,
+                )
             dt = time.perf_counter() - t0
             samples_dir = self.out / "samples"
             samples_dir.mkdir(exist_ok=True)
@@ -325,8 +376,7 @@ class Trainer:
             f"x {env.device.type}, steps {self.step}->{total}, global batch "
             f"{cfg.data.batch_size * accum * env.world_size}",
         )
-        window: dict[str, float] = defaultdict(float)
-        window_n = 0
+        window = LossWindow(self.diffusion.num_timesteps, env.device)
         t_window = time.perf_counter()
         t_start, step_start = t_window, self.step
         saved_at = self.step if self.step else -1
@@ -347,20 +397,10 @@ class Trainer:
                 loss = (terms["loss"] * weights).mean()
                 self.engine.backward(loss)
                 self.engine.step()
-                # The history tracks the unweighted per-sample L_vlb term (the paper's importance sampling
-                # targets L_vlb); for the plain mse objective it tracks L_simple.
-                history_loss = terms["vb"] if "vb" in terms else terms["loss"]
-                self.sampler.record(t, history_loss.detach())
-                window["loss"] += loss.item()
-                window["mse"] += terms["mse"].mean().item()
-                if "vb" in terms:
-                    window["vb"] += terms["vb"].mean().item()
-                for k, v in loss_quartile_metrics(
-                    t, terms["loss"].detach(), self.diffusion.num_timesteps
-                ).items():
-                    window[k] += v
-                    window[f"{k}_n"] += 1
-                window_n += 1
+                # The history tracks the unweighted per-sample L_vlb term: the paper's importance sampling
+                # targets L_vlb (and the config allows it only with the hybrid or kl objective).
+                self.sampler.record(t, terms["vb"].detach())
+                window.add(loss, terms, t)
                 self.samples_seen += x.shape[0] * env.world_size
             self.sampler.sync()
             self.ema.update()
@@ -368,22 +408,13 @@ class Trainer:
 
             if self.step % cfg.train.log_every == 0 or self.step == total:
                 now = time.perf_counter()
-                metrics = {k: v / window_n for k, v in window.items() if k in ("loss", "mse", "vb")}
-                metrics.update(
-                    {
-                        k: v / window[f"{k}_n"]
-                        for k, v in window.items()
-                        if k.startswith("loss_q") and "_n" not in k
-                    }
-                )
-                metrics = _mean_across_ranks(metrics, env.device)
-                steps_done = window_n / accum
+                steps_done = window.micro_batches / accum
+                metrics = window.reduce()
                 rate = steps_done / (now - t_window)
                 data_stats = stream.stats()
                 metrics.update(
                     {
                         "lr": self.engine.get_lr()[0],
-                        "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                         "steps_per_s": rate,
                         "samples_per_s": rate * cfg.data.batch_size * accum * env.world_size,
                         "data/wait_s": float(data_stats.get("wait_s", 0.0)),
@@ -391,19 +422,20 @@ class Trainer:
                         **sampler_summary_metrics(self.sampler),
                     }
                 )
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None:  # not every ZeRO stage / precision reports it
+                    metrics["grad_norm"] = float(grad_norm)
                 eta = (total - self.step) * (now - t_start) / max(1, self.step - step_start)
                 _log(
                     env,
                     f"step {self.step}/{total} | loss {metrics['loss']:.4f} mse {metrics['mse']:.4f}"
-                    + (f" vb {metrics['vb']:.4f}" if "vb" in metrics else "")
+                    + f" vb {metrics['vb']:.4f}"
                     + f" | {rate:.2f} steps/s {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_time(eta)}",
                 )
                 self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
                 for k in ("loss", "mse", "vb"):
                     if k in metrics:
                         self.curves[k].append((self.step, metrics[k]))
-                window.clear()
-                window_n = 0
                 t_window = time.perf_counter()
 
             if self.step % cfg.train.ckpt_every == 0 or self.step == total:
@@ -450,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return run(cfg, args.resume)
-    except (ConfigError, CheckpointError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 

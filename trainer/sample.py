@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
     t0 = time.perf_counter()
-    arr, ys = sample_images(
-        cfg, model, shape, s.num_samples, num_classes, device, labels=labels, progress=progress
-    )
+    arr, ys = sample_images(cfg, model, shape, s.num_samples, num_classes, device, labels=labels, progress=progress)
     dt = time.perf_counter() - t0
     bar.close()
 

@@ -102,9 +102,7 @@ def generate_grid(
     device: torch.device,
 ) -> tuple[bytes, np.ndarray]:
     model = build_inference_model(cfg, weights, image_size, channels, num_classes, device)
-    arr, _ = sample_images(
-        cfg, model, (channels, image_size, image_size), cfg.sample.num_samples, num_classes, device
-    )
+    arr, _ = sample_images(cfg, model, (channels, image_size, image_size), cfg.sample.num_samples, num_classes, device)
     scale = max(1, 128 // image_size)  # small images are enlarged so the grid is viewable
     return grid_png(arr, scale=scale), arr
 
@@ -128,7 +126,5 @@ def load_for_inference(
     else:
         weights = state["model"]
         meta["weights"] = "raw"
-    model = build_inference_model(
-        cfg, weights, meta["image_size"], meta["channels"], meta["num_classes"], device
-    )
+    model = build_inference_model(cfg, weights, meta["image_size"], meta["channels"], meta["num_classes"], device)
     return cfg, model, meta

@@ -67,9 +67,7 @@ class TimestepSampler:
         """p_t over t = 0..T-1 as float64 (identical on every rank)."""
         return np.full(self.num_timesteps, 1.0 / self.num_timesteps)
 
-    def sample(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``batch_size`` timesteps. Returns (t: int64 [B], weights: float32 [B]), both on ``device``.
 
         ``generator`` (CPU or on ``device``) makes the draw reproducible; ranks should use different
@@ -80,9 +78,9 @@ class TimestepSampler:
         batch_size = int(batch_size)
         draw_device = generator.device if generator is not None else self.device
         if self._is_uniform():
-            t = torch.randint(
-                0, self.num_timesteps, (batch_size,), generator=generator, device=draw_device
-            ).to(self.device)
+            t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=draw_device).to(
+                self.device
+            )
             return t, torch.ones(batch_size, dtype=torch.float32, device=self.device)
         if batch_size == 0:
             t = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -214,9 +212,7 @@ class LossSecondMomentSampler(TimestepSampler):
     def sync(self) -> int:
         """All-gather every rank's queued pairs and fold them in rank-major order. Call on every rank."""
         local = (
-            torch.cat(self._pending)
-            if self._pending
-            else torch.zeros((0, 2), dtype=torch.float64, device=self.device)
+            torch.cat(self._pending) if self._pending else torch.zeros((0, 2), dtype=torch.float64, device=self.device)
         )
         self._pending = []
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
@@ -273,8 +269,7 @@ class LossSecondMomentSampler(TimestepSampler):
         """The global history (identical on all ranks; save it from any one). Call after :meth:`sync`."""
         if self._pending:
             raise RuntimeError(
-                f"timestep sampler: {self.pending} recorded pairs not yet synced; "
-                "call sync() before state_dict()"
+                f"timestep sampler: {self.pending} recorded pairs not yet synced; call sync() before state_dict()"
             )
         return {
             **super().state_dict(),
@@ -325,9 +320,7 @@ def _expect(state: dict[str, Any], key: str, value: Any) -> None:
         raise ValueError(f"timestep sampler state: '{key}' is {state[key]!r}, this sampler has {value!r}")
 
 
-def _all_gather_rows(
-    local: torch.Tensor, group: dist.ProcessGroup | None, capacity: int
-) -> tuple[np.ndarray, int]:
+def _all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None, capacity: int) -> tuple[np.ndarray, int]:
     """Concatenate every rank's [n_r, 2] rows in rank order (n_r may differ), as a host float64 array.
 
     One all-gather in the steady state: each rank sends a header row holding its count plus up to

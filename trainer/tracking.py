@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -85,31 +86,43 @@ class MlflowTracker(Tracker):
         self._tmp = Path(tempfile.mkdtemp(prefix="iddpm-artifacts-"))
         self.experiment_id: str | None = None
         self._close_timeout_s = 60.0
-        self.run_id = self._start_run(run_id, run_name)
+        # A known run id is kept even while the server is unreachable, so a restart never forks the run.
+        self.run_id = run_id
+        self._run_name = run_name
+        self._attached = False
+        try:
+            self._attach()
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            _warn(f"MLflow at {cfg.uri} unavailable, will retry in the background: {type(err).__name__}: {err}")
+            self._failed_once = True
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
-    # -------------------------------------------------------------- setup (synchronous, bounded)
-    def _start_run(self, run_id: str | None, run_name: str | None) -> str | None:
-        try:
-            if run_id:
-                run = self.client.get_run(run_id)
+    # -------------------------------------------------------------- run attach / create
+    def _attach(self) -> None:
+        """Re-attach to ``run_id`` (or create the run). Raises on connection problems."""
+        from mlflow.exceptions import MlflowException
+
+        if self.run_id:
+            try:
+                run = self.client.get_run(self.run_id)
+            except MlflowException as err:
+                if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                _warn(f"MLflow run {self.run_id} no longer exists in {self.cfg.uri}: starting a new run")
+                self.run_id = None
+            else:
                 self.experiment_id = run.info.experiment_id
-                self.client.update_run(run_id, status="RUNNING")
-                self._skip_until_step = self._last_logged_step(run_id)
-                return run.info.run_id
-            exp = self.client.get_experiment_by_name(self.cfg.experiment)
-            exp_id = (
-                exp.experiment_id if exp is not None else self.client.create_experiment(self.cfg.experiment)
-            )
-            run = self.client.create_run(exp_id, run_name=run_name)
-            self.experiment_id = exp_id
-            return run.info.run_id
-        except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            _warn(
-                f"MLflow at {self.cfg.uri} unavailable, training continues untracked: {type(err).__name__}: {err}"
-            )
-            return None
+                self.client.update_run(self.run_id, status="RUNNING")
+                self._skip_until_step = self._last_logged_step(self.run_id)
+                self._attached = True
+                return
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.cfg.experiment)
+        run = self.client.create_run(exp_id, run_name=self._run_name)
+        self.experiment_id = exp_id
+        self.run_id = run.info.run_id
+        self._attached = True
 
     def _last_logged_step(self, run_id: str) -> int:
         history = self.client.get_metric_history(run_id, "train/loss")
@@ -117,8 +130,7 @@ class MlflowTracker(Tracker):
 
     # -------------------------------------------------------------- public API (non-blocking)
     def _submit(self, kind: str, *args: Any) -> None:
-        if self.run_id is not None:
-            self._queue.put((kind, args))
+        self._queue.put((kind, args))
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [(k, str(v)[:_PARAM_MAX_LEN]) for k, v in params.items()]
@@ -126,8 +138,6 @@ class MlflowTracker(Tracker):
             self._submit("params", items[i : i + _PARAM_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self._skip_until_step:
-            return  # this run already holds these steps (logged before the restart)
         ts = int(time.time() * 1000)
         self._submit("metrics", [(k, float(v), ts, step) for k, v in metrics.items()])
 
@@ -135,9 +145,7 @@ class MlflowTracker(Tracker):
         local = self._tmp / artifact_path
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(data)
-        self._submit(
-            "artifact", str(local), str(Path(artifact_path).parent) if "/" in artifact_path else None
-        )
+        self._submit("artifact", str(local), str(Path(artifact_path).parent) if "/" in artifact_path else None)
 
     def log_artifact_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
         self._submit("artifact", str(path), artifact_dir)
@@ -146,19 +154,18 @@ class MlflowTracker(Tracker):
         self._submit("tags", list(tags.items()))
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
-        if self.run_id is None:
-            return
         self._submit("end", status)
         self._close_timeout_s = timeout_s
         self._queue.put(None)
         self._thread.join(timeout_s)
         if self._thread.is_alive() or self._pending:
             _warn(f"{len(self._pending) + self._queue.qsize()} tracking calls not delivered before exit")
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     @property
     def ui_hint(self) -> str:
-        if self.run_id is None:
-            return ""
+        if not self._attached:
+            return f"MLflow at {self.cfg.uri} not reachable yet: points are kept and sent when it is"
         if self.cfg.uri.startswith(("http://", "https://")):
             base = self.cfg.uri.rstrip("/")
             return f"MLflow run: {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
@@ -168,15 +175,22 @@ class MlflowTracker(Tracker):
     def _send(self, kind: str, args: tuple[Any, ...]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        if not self._attached:
+            self._attach()
         rid = self.run_id
         if kind == "params":
             self.client.log_batch(rid, params=[Param(k, v) for k, v in args[0]])
         elif kind == "metrics":
-            self.client.log_batch(rid, metrics=[Metric(k, v, ts, s) for k, v, ts, s in args[0]])
+            # Steps the run already holds (logged before a restart from an earlier checkpoint) are skipped.
+            points = [Metric(k, v, ts, s) for k, v, ts, s in args[0] if s > self._skip_until_step]
+            if points:
+                self.client.log_batch(rid, metrics=points)
         elif kind == "tags":
             self.client.log_batch(rid, tags=[RunTag(k, v) for k, v in args[0]])
         elif kind == "artifact":
             self.client.log_artifact(rid, args[0], artifact_path=args[1])
+            if Path(args[0]).is_relative_to(self._tmp):
+                Path(args[0]).unlink(missing_ok=True)
         elif kind == "end":
             self.client.set_terminated(rid, status=args[0])
 
@@ -192,9 +206,7 @@ class MlflowTracker(Tracker):
                     self._pending.popleft()
                     continue
                 if not self._failed_once:
-                    _warn(
-                        f"MLflow call failed, will retry every {self._retry_s:.0f}s: {type(err).__name__}: {err}"
-                    )
+                    _warn(f"MLflow call failed, will retry every {self._retry_s:.0f}s: {type(err).__name__}: {err}")
                     self._failed_once = True
                 return False
             self._pending.popleft()
@@ -248,9 +260,7 @@ def resolve_uri(uri: str) -> str:
 def create_tracker(cfg: TrackingConfig, is_main: bool, run_id: str | None, run_name: str | None) -> Tracker:
     if not (cfg.enabled and is_main):
         return Tracker()
-    return MlflowTracker(
-        cfg.model_copy(update={"uri": resolve_uri(cfg.uri)}), run_id=run_id, run_name=run_name
-    )
+    return MlflowTracker(cfg.model_copy(update={"uri": resolve_uri(cfg.uri)}), run_id=run_id, run_name=run_name)
 
 
 def log_to_run(

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 TINY = [
     "model.channels=16",
+    "model.norm_groups=8",
     "model.channel_mult=[1,2]",
     "model.attention_resolutions=[8]",
     "diffusion.steps=100",

@@ -40,9 +40,7 @@ def test_logs_params_metrics_artifacts_and_resumes_without_duplicates(tmp_path: 
     assert client.get_run(tr.run_id).info.status == "FINISHED"
 
 
-def test_transient_failures_are_retried_and_nothing_is_lost(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_transient_failures_are_retried_and_nothing_is_lost(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = _cfg(tmp_path)
     tr = MlflowTracker(cfg, run_id=None, run_name=None, retry_s=0.2)
     real = tr.client.log_batch
@@ -74,18 +72,48 @@ def test_dead_server_is_not_fatal_and_does_not_block(capsys: pytest.CaptureFixtu
     t0 = time.perf_counter()
     tr = create_tracker(cfg, is_main=True, run_id=None, run_name=None)
     tr.log_metrics({"train/loss": 1.0}, step=1)
-    tr.close()
+    tr.close(timeout_s=3)
     assert time.perf_counter() - t0 < 30
     assert tr.run_id is None
-    assert "unavailable, training continues untracked" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unavailable, will retry in the background" in err
+    assert "not delivered before exit" in err
+
+
+def test_outage_at_start_keeps_the_run_id_and_delivers_later(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    first = MlflowTracker(cfg, run_id=None, run_name=None)
+    first.log_metrics({"train/loss": 1.0}, step=1)
+    first.close(status="KILLED")
+    # The restarted job cannot reach the store at first: it keeps the id and attaches on a retry.
+    import mlflow.tracking
+
+    calls = {"n": 0}
+    real_get_run = mlflow.tracking.MlflowClient.get_run
+
+    def flaky_get_run(self: object, run_id: str) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("store unreachable")
+        return real_get_run(self, run_id)
+
+    mlflow.tracking.MlflowClient.get_run = flaky_get_run
+    try:
+        again = MlflowTracker(cfg, run_id=first.run_id, run_name=None, retry_s=0.1)
+        assert again.run_id == first.run_id
+        again.log_metrics({"train/loss": 0.5}, step=1)  # already in the run: skipped
+        again.log_metrics({"train/loss": 0.25}, step=2)
+        again.close(timeout_s=20)
+    finally:
+        mlflow.tracking.MlflowClient.get_run = real_get_run
+    client = MlflowClient(tracking_uri=cfg.uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "train/loss")] == [(1, 1.0), (2, 0.25)]
+    assert len(client.search_runs([client.get_run(first.run_id).info.experiment_id])) == 1
 
 
 def test_non_main_ranks_and_disabled_tracking_do_nothing(tmp_path: Path) -> None:
     assert type(create_tracker(_cfg(tmp_path), is_main=False, run_id=None, run_name=None)) is Tracker
-    assert (
-        type(create_tracker(_cfg(tmp_path, enabled=False), is_main=True, run_id=None, run_name=None))
-        is Tracker
-    )
+    assert type(create_tracker(_cfg(tmp_path, enabled=False), is_main=True, run_id=None, run_name=None)) is Tracker
     assert not (tmp_path / "mlflow.db").exists()
 
 

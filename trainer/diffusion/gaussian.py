@@ -117,8 +117,7 @@ class GaussianDiffusion:
         self.loss_type = parse_enum(LossType, loss_type, "loss")
         if self.loss_type is LossType.HYBRID and self.var_type is not ModelVarType.LEARNED_RANGE:
             raise ValueError(
-                f"loss 'hybrid' needs var_type 'learned_range' (L_vlb trains the variance), "
-                f"got {self.var_type.value!r}"
+                f"loss 'hybrid' needs var_type 'learned_range' (L_vlb trains the variance), got {self.var_type.value!r}"
             )
         if not vlb_weight >= 0.0:
             raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
@@ -209,13 +208,10 @@ class GaussianDiffusion:
             + self.extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
-    def q_posterior_mean_variance(
-        self, x_start: Tensor, x_t: Tensor, t: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance β̃_t and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7)."""
         mean = (
-            self.extract("posterior_mean_coef1", t, x_t) * x_start
-            + self.extract("posterior_mean_coef2", t, x_t) * x_t
+            self.extract("posterior_mean_coef1", t, x_t) * x_start + self.extract("posterior_mean_coef2", t, x_t) * x_t
         )
         var = self.extract("posterior_variance", t, x_t).expand_as(mean)
         log_var = self.extract("posterior_log_variance_clipped", t, x_t).expand_as(mean)
@@ -235,9 +231,7 @@ class GaussianDiffusion:
         )
 
     # ------------------------------------------------------------- model p
-    def model_output(
-        self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None
-    ) -> Tensor:
+    def model_output(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """Call the model with ORIGINAL timesteps and return its output in the compute dtype (float32,
         or float64 for float64 inputs), after checking its shape."""
         out = model(x, self.map_timesteps(t), **(model_kwargs or {}))
@@ -319,9 +313,7 @@ class GaussianDiffusion:
         out["model_output"] = output
         return out
 
-    def predict_eps(
-        self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None
-    ) -> Tensor:
+    def predict_eps(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """The model's unclipped ε̂(x_t, t) whatever its parameterisation (variance channels dropped)."""
         mean_part, _ = self.split_output(self.model_output(model, x, t, model_kwargs))
         if self.mean_type is ModelMeanType.EPSILON:

@@ -15,14 +15,10 @@ LN2 = math.log(2.0)
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats (Ho et al. 2020, eq. 5 terms)."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def discretized_gaussian_log_likelihood(
-    x: Tensor, means: Tensor, log_scales: Tensor, num_bins: int = 256
-) -> Tensor:
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor, num_bins: int = 256) -> Tensor:
     """log p(x) of the discretized Gaussian decoder (Ho et al. 2020, eq. 13), elementwise, nats.
 
     x holds pixel values on the grid of ``num_bins`` levels spread over [-1, 1] (bins 2/(num_bins-1)

@@ -41,8 +41,7 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
         section = size + (1 if i < extra else 0)
         if count > section:
             raise ValueError(
-                f"respacing {text!r}: section {i} has {section} steps, cannot keep {count} "
-                f"(T = {num_timesteps})"
+                f"respacing {text!r}: section {i} has {section} steps, cannot keep {count} (T = {num_timesteps})"
             )
         if count == 1:
             kept.append(start + section - 1)

@@ -190,9 +190,7 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         # Kept so that helpers (FLOP estimate) can rebuild an identical network on the meta device.
-        self.init_kwargs: dict[str, Any] = {
-            k: v for k, v in locals().items() if k not in ("self", "__class__")
-        }
+        self.init_kwargs: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         channel_mult = list(channel_mult)
         resolutions = _check_shapes(
             image_size,
@@ -227,9 +225,7 @@ class UNet(nn.Module):
             return AttentionBlock(ch, heads, norm_groups)
 
         attn_at = set(attention_resolutions)
-        self.input_blocks = nn.ModuleList(
-            [TimestepSequential(nn.Conv2d(in_channels, channels, 3, padding=1))]
-        )
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels, channels, 3, padding=1))])
         skip_channels = [channels]
         ch = channels
         for level, mult in enumerate(channel_mult):
@@ -258,9 +254,7 @@ class UNet(nn.Module):
                     layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, use_conv=True))
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(
-            _silu_norm(ch, norm_groups), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
-        )
+        self.out = nn.Sequential(_silu_norm(ch, norm_groups), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -349,8 +343,7 @@ def _check_shapes(
                 )
         elif ch % num_heads:
             raise ValueError(
-                f"model.num_heads: {num_heads} heads do not divide the {ch} channels at resolution "
-                f"{resolutions[level]}"
+                f"model.num_heads: {num_heads} heads do not divide the {ch} channels at resolution {resolutions[level]}"
             )
     return resolutions
 
