@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data_prep.manifest import ManifestError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
-from trainer.data import build_eval_stream, load_manifest
+from trainer.data import DataError, build_eval_stream, load_manifest
 from trainer.sampling import base_diffusion, load_for_inference
 from trainer.tracking import log_to_run
 
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ema-rate", type=float, default=None)
     p.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 in the decoder term")
     p.add_argument("--out", default=None, help="JSON report path (default: next to the checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (bits/dim is a Monte Carlo estimate)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-mlflow", action="store_true")
     return p.parse_args(argv)
@@ -68,6 +70,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     vb_t = torch.zeros(T, dtype=torch.float64)
     mse_t = torch.zeros(T, dtype=torch.float64)
     n = 0
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
     bar = tqdm(desc=f"bits/dim on {args.split}", unit="img", dynamic_ncols=True)
     for i, (x, y) in enumerate(stream):
@@ -75,7 +78,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             break
         x = x.to(device)
         kwargs = {"y": y.to(device)} if meta["num_classes"] else {}
-        out = diffusion.calc_bpd_loop(model, x, model_kwargs=kwargs, clip_denoised=not args.no_clip)
+        if x.shape[0] == 0:
+            continue
+        out = diffusion.calc_bpd_loop(model, x, model_kwargs=kwargs, clip_denoised=not args.no_clip, generator=gen)
         sums["total_bpd"] += out["total_bpd"].double().sum().item()
         sums["prior_bpd"] += out["prior_bpd"].double().sum().item()
         vb_t += out["vb"].double().sum(0).cpu()
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = evaluate(args)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, ManifestError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     meta = report.pop("_meta")

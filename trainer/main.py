@@ -246,6 +246,8 @@ class Trainer:
         self.tracker = create_tracker(cfg.tracking, env.is_main, run_id, cfg.tracking.run_name)
         restarts = distributed.restart_count()
         self._record_run_info(restarts=restarts)
+        if restarts:
+            _log(env, f"this job was restarted {restarts} time(s) by the scheduler")
         if fresh:
             self.tracker.log_params(cfg.to_flat_dict())
             self.tracker.log_params(
@@ -259,7 +261,6 @@ class Trainer:
             )
             self.tracker.log_artifact_bytes(dump_config(cfg).encode(), "config/resolved.yaml")
         self.tracker.set_tags({"restarts": str(restarts), "world_size": str(env.world_size)})
-        self.tracker.log_metrics({"restarts": restarts}, step=self.step)
         if self.tracker.ui_hint:
             _log(env, self.tracker.ui_hint)
 

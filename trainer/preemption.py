@@ -59,6 +59,9 @@ def forward_to_previous_handler() -> bool:
     signum = received_signal()
     if signum is None:
         return False
+    # SLURM/submitit may deliver SIGTERM and SIGUSR2 together; USR2 is the one whose handler requeues.
+    if signal.SIGUSR2 in _received:
+        signum = signal.SIGUSR2
     handler = _previous.get(signum)
     uninstall()
     if callable(handler):

@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = (meta["channels"], meta["image_size"], meta["image_size"])
     t0 = time.perf_counter()
-    arr, ys = sample_images(cfg, model, shape, s.num_samples, num_classes, device, labels=labels, progress=progress)
+    try:
+        arr, ys = sample_images(cfg, model, shape, s.num_samples, num_classes, device, labels=labels, progress=progress)
+    except ValueError as err:  # e.g. a respacing the schedule cannot provide
+        bar.close()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     dt = time.perf_counter() - t0
     bar.close()
 

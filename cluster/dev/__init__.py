@@ -1,0 +1,1 @@
+"""A throw-away SLURM cluster on this machine, for tests and for trying ``cluster/submit.py``."""

@@ -1,0 +1,113 @@
+"""The callable submitit runs in every SLURM task (or local process): distributed env, then trainer.main.
+
+It is pickled at submission and unpickled in the job, so this module must stay importable there
+(``submit.py`` puts the checkout on PYTHONPATH) and light: torch is imported only inside the call,
+after OMP_NUM_THREADS is settled.
+
+Requeue, end to end:
+1. SLURM sends SIGUSR2 ``signal_delay_s`` before the time limit (or SIGTERM at preemption) to every task.
+2. The trainer's handlers (``trainer.preemption``) only set a flag; at the next step boundary all ranks
+   agree, save a checkpoint together, and ``main`` returns ``EXIT_PREEMPTED``.
+3. Every rank then hands the signal to the handler the trainer replaced: submitit's. On rank 0 that is
+   ``checkpoint_and_try_requeue``: it calls :meth:`TrainJob.checkpoint` (a copy resuming with
+   ``--resume auto``), stores it as the job's new pickle, runs ``scontrol requeue`` and exits.
+4. The requeued job starts with ``SLURM_RESTART_COUNT`` incremented; the trainer resumes from the
+   newest checkpoint, in the same MLflow run, and logs the restart count.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """What one task saw and how it ended (``job.results()`` holds one per task)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    node: int
+    master_addr: str
+    master_port: int
+    resume: str
+    restarts: int
+    """SLURM_RESTART_COUNT as this attempt saw it."""
+    exit_code: int
+    preempted: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainingFailed(RuntimeError):
+    """The trainer returned a failure status (the job then ends FAILED, not COMPLETED)."""
+
+
+@dataclass
+class TrainJob(Checkpointable):
+    """``trainer.main.main(["--config", config, "--resume", resume, *overrides])`` in a distributed task."""
+
+    config: str
+    """Absolute path of the YAML config."""
+    overrides: list[str] = field(default_factory=list)
+    resume: str = "auto"
+    """``auto`` also on the first start: a requeue by SLURM itself (preemption) reuses this pickle."""
+    omp_threads: int = 1
+    """OMP_NUM_THREADS for each task unless the environment already sets it (cpus per task)."""
+
+    def argv(self, resume: str | None = None) -> list[str]:
+        return ["--config", self.config, "--resume", resume or self.resume, *self.overrides]
+
+    def __call__(self) -> TaskReport:
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.omp_threads))
+        # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the SLURM (or local) job: master is
+        # the first node of the allocation, the port is derived from the job id (stable across requeues).
+        # CUDA_VISIBLE_DEVICES is left alone: the trainer picks cuda:(local_rank % visible GPUs), which is
+        # right both when each task sees all node GPUs and when SLURM binds one GPU per task.
+        dist_env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        job_env = submitit.JobEnvironment()
+
+        from trainer import distributed, preemption
+        from trainer.main import main
+
+        # A job requeued by SLURM (not by us) restarts from the pickle as submitted: resume anyway.
+        resume = "auto" if distributed.restart_count() > 0 else self.resume
+        print(
+            f"[cluster.job] rank {dist_env.rank}/{dist_env.world_size} local {dist_env.local_rank} "
+            f"node {job_env.node} master {dist_env.master_addr}:{dist_env.master_port} "
+            f"restarts {distributed.restart_count()} resume {resume}",
+            flush=True,
+        )
+        code = main(self.argv(resume))
+        report = TaskReport(
+            rank=dist_env.rank,
+            local_rank=dist_env.local_rank,
+            world_size=dist_env.world_size,
+            node=job_env.node,
+            master_addr=dist_env.master_addr,
+            master_port=dist_env.master_port,
+            resume=resume,
+            restarts=distributed.restart_count(),
+            exit_code=code,
+            preempted=code == preemption.EXIT_PREEMPTED,
+        )
+        if report.preempted:
+            sys.stdout.flush()
+            # Rank 0: submitit checkpoints this callable, requeues the job and exits the process here.
+            # Other ranks (and a plain SIGTERM, which submitit only logs) return the report.
+            preemption.forward_to_previous_handler()
+            return report
+        if code != 0:
+            raise TrainingFailed(f"trainer.main returned {code} on rank {dist_env.rank}")
+        return report
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """Called by submitit on rank 0 before requeueing: the same job, resuming from its checkpoint."""
+        return DelayedSubmission(replace(self, resume="auto"))
