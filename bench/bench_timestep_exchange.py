@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = sync["median_ms"] / step["median_ms"]
     ratio_mean = sync["mean_ms"] / step["mean_ms"]
     exchange_only = {
-        payload: _summary(_slowest([r["exchange"][payload] for r in ranks]))
-        for payload in ranks[0]["exchange"]
+        payload: _summary(_slowest([r["exchange"][payload] for r in ranks])) for payload in ranks[0]["exchange"]
     }
     result = {
         "what": "timestep-sampler history exchange (sync) vs. a full training step, slowest rank per step",

@@ -32,9 +32,7 @@ PRESETS = {
     "quickstart": ("configs/quickstart.yaml", 16, 1, 16, 256),
     "cifar10": ("configs/cifar10_hybrid.yaml", 32, 3, 4, 128),
 }
-NO_GPU_NOTE = (
-    "No GPU on this machine: the CUDA bf16 rows (channels_last, batch 256/128) appear when run on one."
-)
+NO_GPU_NOTE = "No GPU on this machine: the CUDA bf16 rows (channels_last, batch 256/128) appear when run on one."
 
 
 def run_case(preset: str, device: str, precision: str, iters: int, warmup: int, threads: int) -> dict:
@@ -162,9 +160,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=5, help="timed steps per case")
-    parser.add_argument(
-        "--warmup", type=int, default=2, help="untimed steps per case (the first is FLOP-counted)"
-    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per case (the first is FLOP-counted)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (machine is shared)")
     parser.add_argument("--presets", default="quickstart,cifar10")
     parser.add_argument("--out", type=Path, default=RESULTS)

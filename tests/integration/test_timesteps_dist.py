@@ -75,9 +75,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 resumed.record(t, loss)
             resumed.sync()
         again = resumed.state_dict()
-        assert torch.equal(again["history"], final["history"]) and torch.equal(
-            again["writes"], final["writes"]
-        )
+        assert torch.equal(again["history"], final["history"]) and torch.equal(again["writes"], final["writes"])
         assert resumed.probabilities().tobytes() == sampler.probabilities().tobytes()
 
         torch.save(

@@ -114,12 +114,8 @@ def test_variance_parameterisations() -> None:
     small = _diff("fixed_small", "mse").p_mean_variance_from_output(torch.zeros_like(x), x, t)
     large = _diff("fixed_large", "mse").p_mean_variance_from_output(torch.zeros_like(x), x, t)
     for i, step in enumerate(t.tolist()):
-        assert small["log_variance"][i, 0, 0, 0].item() == pytest.approx(
-            math.log(bt_clipped[step]), rel=1e-12
-        )
-        assert large["log_variance"][i, 0, 0, 0].item() == pytest.approx(
-            math.log(ref["betas"][step]), rel=1e-12
-        )
+        assert small["log_variance"][i, 0, 0, 0].item() == pytest.approx(math.log(bt_clipped[step]), rel=1e-12)
+        assert large["log_variance"][i, 0, 0, 0].item() == pytest.approx(math.log(ref["betas"][step]), rel=1e-12)
 
 
 def test_epsilon_mean_is_ddpm_eq11_and_x0_parameterisation_agrees() -> None:
@@ -225,9 +221,7 @@ def test_hybrid_loss_is_mse_plus_lambda_T_vb_with_mean_detached() -> None:
     (grad_mse,) = torch.autograd.grad(terms["mse"].sum(), out)
     assert torch.all(grad_mse[:, 2:] == 0) and grad_mse[:, :2].abs().sum() > 0
     # Contrast: with loss 'kl' the same vb term does reach the mean channels.
-    kl_terms = create_diffusion(steps=T, schedule="cosine", loss="kl").training_losses(
-        _const_model(out), x0, t
-    )
+    kl_terms = create_diffusion(steps=T, schedule="cosine", loss="kl").training_losses(_const_model(out), x0, t)
     (grad_kl,) = torch.autograd.grad(kl_terms["vb"].sum(), out)
     assert grad_kl[:, :2].abs().sum() > 0
 

@@ -59,16 +59,12 @@ def test_normal_kl_closed_form_and_monte_carlo() -> None:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_decoder_probabilities_over_all_bins_sum_to_one(mean: float, std: float, dtype: torch.dtype) -> None:
     x = CENTRES.to(dtype)
-    logp = discretized_gaussian_log_likelihood(
-        x, torch.full_like(x, mean), torch.full_like(x, math.log(std))
-    ).double()
+    logp = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, math.log(std))).double()
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     assert float(logp.exp().sum()) == pytest.approx(1.0, abs=tol)
     ref = _bin_probs_ref(mean, std)
     big = ref > 1e-6
-    np.testing.assert_allclose(
-        logp.exp().numpy()[big], ref[big], rtol=1e-9 if dtype == torch.float64 else 1e-3
-    )
+    np.testing.assert_allclose(logp.exp().numpy()[big], ref[big], rtol=1e-9 if dtype == torch.float64 else 1e-3)
 
 
 def test_decoder_upper_tail_is_accurate_in_float32() -> None:

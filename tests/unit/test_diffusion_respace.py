@@ -66,9 +66,7 @@ def test_respaced_alpha_bar_is_the_kept_subset() -> None:
     twice = respace(respace(base, "50"), "10")
     assert twice.timestep_map.tolist() == [space_timesteps(T, "50")[i] for i in space_timesteps(50, "10")]
     assert (
-        create_diffusion(
-            steps=T, schedule="linear", var_type="fixed_small", loss="mse", respacing="10"
-        ).num_timesteps
+        create_diffusion(steps=T, schedule="linear", var_type="fixed_small", loss="mse", respacing="10").num_timesteps
         == 10
     )
 

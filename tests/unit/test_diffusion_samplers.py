@@ -144,9 +144,7 @@ def test_deterministic_samplers_follow_the_exact_flow_map() -> None:
     for method, heun in (("euler", False), ("heun", True)):
         for n in (20, 40):
             levels = edm_sigma_levels(diff, n, snap=False)
-            x = edm_sample(
-                EpsDenoiser(GaussianModel(), diff, clip_denoised=False), levels, z.shape, noise=z, heun=heun
-            )
+            x = edm_sample(EpsDenoiser(GaussianModel(), diff, clip_denoised=False), levels, z.shape, noise=z, heun=heun)
             errors[method, n] = (x.double() - _flow_map(z, float(levels[0]))).abs().max().item()
     assert errors["euler", 40] < errors["euler", 20] / 1.6
     assert errors["heun", 40] < errors["heun", 20] / 3.0
@@ -239,12 +237,8 @@ def test_fixed_seed_progress_and_clipping() -> None:
         assert raw.max() > 1.0
     # churn makes Heun stochastic given the same starting noise
     z = torch.randn(shape)
-    h1 = generate(
-        far, diff, "heun", "10", shape, noise=z, churn=20.0, generator=torch.Generator().manual_seed(0)
-    )
-    h2 = generate(
-        far, diff, "heun", "10", shape, noise=z, churn=20.0, generator=torch.Generator().manual_seed(1)
-    )
+    h1 = generate(far, diff, "heun", "10", shape, noise=z, churn=20.0, generator=torch.Generator().manual_seed(0))
+    h2 = generate(far, diff, "heun", "10", shape, noise=z, churn=20.0, generator=torch.Generator().manual_seed(1))
     h3 = generate(far, diff, "heun", "10", shape, noise=z, generator=torch.Generator().manual_seed(1))
     h4 = generate(far, diff, "heun", "10", shape, noise=z, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(h1, h2) and torch.equal(h3, h4)

@@ -275,9 +275,7 @@ def test_bad_records() -> None:
 def test_factory_and_config() -> None:
     with pytest.raises(ValueError, match="unknown timestep sampler 'importance'"):
         create_timestep_sampler("importance", 10)
-    cfg = DiffusionConfig(
-        steps=20, timestep_sampler="loss-second-moment", history_per_term=3, uniform_prob=0.5
-    )
+    cfg = DiffusionConfig(steps=20, timestep_sampler="loss-second-moment", history_per_term=3, uniform_prob=0.5)
     s = sampler_from_config(cfg)
     assert isinstance(s, LossSecondMomentSampler)
     assert (s.num_timesteps, s.history_per_term, s.uniform_prob) == (20, 3, 0.5)

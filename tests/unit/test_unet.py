@@ -238,10 +238,7 @@ def test_attention_block_matches_float64_multihead_formula(layout) -> None:
 
     # softmax(qᵀk / sqrt(d)) v per head; qkv channels are ordered (q|k|v, head, head_dim).
     h = _group_norm_float64(x, 32, block.norm.weight, block.norm.bias).reshape(2, c, -1)
-    qkv = (
-        torch.einsum("oc,ncp->nop", block.qkv.weight.double()[:, :, 0, 0], h)
-        + block.qkv.bias.double()[:, None]
-    )
+    qkv = torch.einsum("oc,ncp->nop", block.qkv.weight.double()[:, :, 0, 0], h) + block.qkv.bias.double()[:, None]
     q, k, v = qkv.reshape(2, 3, heads, c // heads, -1).unbind(1)  # [N, heads, d, HW]
     weights = torch.softmax(torch.einsum("nhdp,nhdq->nhpq", q, k) / math.sqrt(c // heads), dim=-1)
     attended = torch.einsum("nhpq,nhdq->nhdp", weights, v).reshape(2, c, -1)
@@ -333,9 +330,7 @@ def test_checkpointing_gives_same_outputs_and_gradients(updown: bool) -> None:
         torch.manual_seed(123)  # same dropout masks in both runs
         out = model(x, t, y)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append(
-            (out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters()})
-        )
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (o1, gx1, g1), (o2, gx2, g2) = results
     assert calls == {"plain": 1, "ckpt": 2}  # the checkpointed block really was recomputed
     assert o1.abs().max() > 1e-3
@@ -350,9 +345,7 @@ def test_checkpointing_gives_same_outputs_and_gradients(updown: bool) -> None:
 # --------------------------------------------------------------------------- precision and layout
 
 
-def _group_norm_float64(
-    x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
+def _group_norm_float64(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     g = x.double().reshape(n, groups, -1)
     mean = g.mean(dim=2, keepdim=True)
@@ -460,9 +453,7 @@ def test_class_cond_needs_num_classes_and_inputs_are_checked() -> None:
 
 @pytest.mark.parametrize("updown", [False, True])
 def test_parameter_and_flop_counts_match_layer_formulas(updown: bool) -> None:
-    cfg = tiny_cfg(
-        channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 4], resblock_updown=updown
-    )
+    cfg = tiny_cfg(channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[16, 4], resblock_updown=updown)
     model = build_unet(cfg, 16, 3, learn_sigma=True)
     params, flops = paper_unet_costs(16, 3, 6, 32, [1, 2, 2], 2, [16, 4], 2, True, None, updown=updown)
     assert count_parameters(model) == params
