@@ -401,7 +401,7 @@ class Trainer:
                 # The history tracks the unweighted per-sample L_vlb term: the paper's importance sampling
                 # targets L_vlb (and the config allows it only with the hybrid or kl objective).
                 self.sampler.record(t, terms["vb"].detach())
-                window.add(loss, terms, t)
+                window.add(loss, terms, t, weights)
                 self.samples_seen += x.shape[0] * env.world_size
             self.sampler.sync()
             self.ema.update()

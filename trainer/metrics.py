@@ -25,12 +25,18 @@ class LossWindow:
         self.micro_batches = 0
 
     @torch.no_grad()
-    def add(self, loss: torch.Tensor, per_sample: dict[str, torch.Tensor], t: torch.Tensor) -> None:
-        """``loss``: the weighted scalar that was minimised; ``per_sample``: unweighted terms [B]."""
+    def add(
+        self, loss: torch.Tensor, per_sample: dict[str, torch.Tensor], t: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """``loss``: the weighted scalar that was minimised; ``per_sample``: unweighted terms [B];
+        ``weights``: the importance weights 1/(T p_t), so that mse and vb are logged as unbiased
+        estimates of their uniform-t means whatever the timestep sampler (quartiles are per-t means
+        and need no weights)."""
         b = t.shape[0]
+        w = weights.detach().double()
         self.acc[_LOSS] += loss.detach().double() * b
-        self.acc[_MSE] += per_sample["mse"].detach().double().sum()
-        self.acc[_VB] += per_sample["vb"].detach().double().sum()
+        self.acc[_MSE] += (per_sample["mse"].detach().double() * w).sum()
+        self.acc[_VB] += (per_sample["vb"].detach().double() * w).sum()
         self.acc[_N] += b
         quarter = (t * _QUARTERS) // self.num_timesteps
         self.acc[_QSUM:_QN].scatter_add_(0, quarter, per_sample["loss"].detach().double())

@@ -1,0 +1,39 @@
+"""LossWindow: on-device accumulation, importance-weighted means, fixed-shape quartiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.metrics import LossWindow
+
+
+def test_window_means_match_a_float64_recount() -> None:
+    T = 8
+    w = LossWindow(T, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    all_t, all_loss, all_mse, all_vb, all_w, scalars = [], [], [], [], [], []
+    for _ in range(3):
+        t = rng.integers(0, 4, size=5)  # only the first two quarters of [0, 8) are drawn
+        loss, mse, vb, wt = (rng.random(5) for _ in range(4))
+        scalar = float((loss * wt).mean())
+        w.add(
+            torch.tensor(scalar),
+            {"loss": torch.tensor(loss), "mse": torch.tensor(mse), "vb": torch.tensor(vb)},
+            torch.tensor(t),
+            torch.tensor(wt),
+        )
+        for lst, v in zip((all_t, all_loss, all_mse, all_vb, all_w), (t, loss, mse, vb, wt), strict=True):
+            lst.append(v)
+        scalars.append(scalar)
+    t, loss, mse, vb, wt = (np.concatenate(v) for v in (all_t, all_loss, all_mse, all_vb, all_w))
+    assert w.micro_batches == 3
+    out = w.reduce()
+    assert out["loss"] == pytest.approx(np.mean(scalars))
+    assert out["mse"] == pytest.approx(np.mean(mse * wt))
+    assert out["vb"] == pytest.approx(np.mean(vb * wt))
+    assert out["loss_q0"] == pytest.approx(loss[t < 2].mean())
+    assert out["loss_q1"] == pytest.approx(loss[(t >= 2) & (t < 4)].mean())
+    assert "loss_q2" not in out and "loss_q3" not in out  # no sample there: left out, not zero
+    assert w.micro_batches == 0 and w.reduce()["loss"] == 0.0  # reset after reduce
