@@ -1,7 +1,7 @@
 """Cost of the timestep sampler's once-per-step loss-history exchange against a training step.
 
-Two gloo ranks (one CPU thread each) train the quickstart UNet (channels 32, mult 1,2,2, one res
-block, attention at 8, 16x16x1, batch 64 per rank, T = 1000) with DDP + AdamW, drawing t from a
+Two gloo ranks (one CPU thread each) train the quickstart UNet (the model section, per-rank batch and
+T of configs/quickstart.yaml, at 16x16x1) with DDP + AdamW, drawing t from a
 warmed-up loss-second-moment sampler. Per step we time the whole step (sample, forward, backward
 with gradient all-reduce, optimizer step, record, sync) and, inside it, ``sampler.sync()`` (the
 all-gather of every rank's (t, loss) pairs plus the history update) and the sampler's other work
@@ -34,14 +34,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.config import ModelConfig
+from trainer.config import load_config
 from trainer.models.unet import build_unet
 from trainer.timesteps import create_timestep_sampler
 
-QUICKSTART_MODEL = ModelConfig(
-    channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[8], dropout=0.0
-)
-IMAGE_SIZE, IN_CHANNELS, NUM_TIMESTEPS = 16, 1, 1000
+_QUICKSTART = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+QUICKSTART_MODEL = _QUICKSTART.model
+QUICKSTART_BATCH = _QUICKSTART.data.batch_size
+IMAGE_SIZE, IN_CHANNELS, NUM_TIMESTEPS = 16, 1, _QUICKSTART.diffusion.steps
 LIMIT = 0.01  # the exchange must stay under 1% of a step
 
 
@@ -153,7 +153,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64, help="per-rank batch")
+    parser.add_argument("--batch", type=int, default=QUICKSTART_BATCH, help="per-rank batch")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=50, help="repetitions per exchange-only payload")
