@@ -138,6 +138,8 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step. With bf16, ZeRO 0/2/3 accumulate gradients in bf16; for long
+    accumulation set ``train.deepspeed={data_types: {grad_accum_dtype: fp32}}`` (DeepSpeed's option)."""
     grad_clip: float = Field(1.0, ge=0.0)
     """Global gradient-norm clip; 0 disables it."""
     ema_rates: list[float] = Field(default_factory=lambda: [0.9999])

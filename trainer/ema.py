@@ -4,6 +4,11 @@ The shadows are float32 even when the module is bf16: with bf16 shadows an updat
 (1 - 0.9999)·(θ - θ_ema) is far below bf16's resolution (8 bits of mantissa) and rounds to nothing.
 Under ZeRO-3 each rank averages only its own parameter shard (``p.ds_tensor``), so no gather is
 needed per step; :meth:`EMA.full_state_dict` gathers the shards when a full copy is wanted.
+
+What is averaged is the module's working copy of the weights: with bf16 that is the bf16 rounding of
+DeepSpeed's fp32 master weights (relative error <= 2^-9 per step, round-to-nearest). The fp32 masters
+of ZeRO 1/2 live in flat partitions whose layout is DeepSpeed-internal; averaging those would remove
+that rounding at the cost of depending on private structures, which we chose not to do.
 """
 
 from __future__ import annotations
