@@ -151,8 +151,6 @@ class Trainer:
             raise ConfigError(f"{err} (images are {self.manifest.image_size}px)") from None
         self.n_params = count_parameters(model)
         self.flops = estimate_flops_per_image(model, self.manifest.image_size, self.manifest.channels, self.num_classes)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         # From here on each rank needs its own stream (noise, timesteps, dropout): identical streams
         # would make the ranks' batches share their noise.
         torch.manual_seed(cfg.train.seed * 1_000_003 + env.rank + 1)
