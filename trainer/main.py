@@ -418,6 +418,8 @@ class Trainer:
                         "samples_per_s": rate * cfg.data.batch_size * accum * env.world_size,
                         "data/wait_s": float(data_stats.get("wait_s", 0.0)),
                         "data/skipped": float(data_stats.get("skipped", 0)),
+                        "data/shard_errors": float(data_stats.get("shard_errors", 0)),
+                        "data/samples_per_s": float(data_stats.get("samples_per_s", 0.0)),
                         **sampler_summary_metrics(self.sampler),
                     }
                 )

@@ -102,7 +102,17 @@ def test_two_ranks_torchrun_zero2_bf16_then_resume(digits_shards: Path, tmp_path
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 4, 6]
     assert all(torch.isfinite(torch.tensor(m.value)) for m in losses)
-    for key in ("train/mse", "train/vb", "train/lr", "train/grad_norm", "train/samples_per_s"):
+    for key in (
+        "train/mse",
+        "train/vb",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/data/wait_s",
+        "train/data/samples_per_s",
+        "train/loss_q0",
+        "train/ts_p_max_over_uniform",
+    ):
         assert client.get_metric_history(run.info.run_id, key), key
     assert run.data.params["train.zero_stage"] == "2"
     assert run.info.status == "FINISHED"
