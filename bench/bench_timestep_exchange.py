@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.config import load_config
+from trainer.distributed import free_port
 from trainer.models.unet import build_unet
 from trainer.timesteps import create_timestep_sampler
 
@@ -43,12 +43,6 @@ QUICKSTART_MODEL = _QUICKSTART.model
 QUICKSTART_BATCH = _QUICKSTART.data.batch_size
 IMAGE_SIZE, IN_CHANNELS, NUM_TIMESTEPS = 16, 1, _QUICKSTART.diffusion.steps
 LIMIT = 0.01  # the exchange must stay under 1% of a step
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _warm_history(sampler, rank: int) -> None:
@@ -163,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(args.world, _free_port(), args, tmp), nprocs=args.world, join=True)
+        mp.start_processes(_worker, args=(args.world, free_port(), args, tmp), nprocs=args.world, join=True)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(args.world)]
 
     step = _summary(_slowest([r["train"]["step"] for r in ranks]))

@@ -12,6 +12,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+TINY_MODEL = [
+    "model.channels=16",
+    "model.norm_groups=8",
+    "model.channel_mult=[1,2]",
+    "model.attention_resolutions=[8]",
+    "diffusion.steps=100",
+    "sample.num_samples=4",
+    "sample.batch_size=4",
+    "sample.steps=5",
+]
+"""Overrides for a model small enough that process start-up dominates multi-process tests."""
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: one OpenMP thread each (2 cores, several ranks)."""
     env = dict(os.environ)

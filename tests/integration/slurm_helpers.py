@@ -10,22 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, TINY_MODEL, child_env
 
 # A model small enough that start-up dominates (same spirit as test_train_e2e.py).
 TINY = [
-    "model.channels=16",
-    "model.norm_groups=8",
-    "model.channel_mult=[1,2]",
-    "model.attention_resolutions=[8]",
-    "diffusion.steps=100",
+    *TINY_MODEL,
     # Small enough that some rank often draws no t in a quarter of [0, T): the per-quarter loss metrics
     # must still reduce with the same shape on every rank (a mismatch hangs the job after step 1).
     "data.batch_size=8",
     "train.log_every=1",
-    "sample.num_samples=4",
-    "sample.batch_size=4",
-    "sample.steps='5'",
 ]
 SUBMIT = [sys.executable, "cluster/submit.py"]
 STEP_RE = re.compile(r"^step (\d+)/(\d+) \|", re.MULTILINE)

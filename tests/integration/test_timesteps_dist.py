@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer.distributed import free_port
 from trainer.timesteps import LossSecondMomentSampler, create_timestep_sampler
 
 T, N, U = 8, 3, 0.01
@@ -28,12 +28,6 @@ def _micro_sizes(rank: int, step: int) -> tuple[int, int]:
     if rank == 1 and step == 4:
         return (7, 13)
     return MICRO[rank]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -93,7 +87,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _spawn(world: int, out: Path, deadline_s: float = 90.0) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=False)
+    ctx = mp.start_processes(_worker, args=(world, free_port(), str(out)), nprocs=world, join=False)
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > end:

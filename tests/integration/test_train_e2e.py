@@ -11,23 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cmd
+from tests.conftest import REPO, TINY_MODEL, run_cmd
 from trainer.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.channels=16",
-    "model.norm_groups=8",
-    "model.channel_mult=[1,2]",
-    "model.attention_resolutions=[8]",
-    "diffusion.steps=100",
-    "data.batch_size=8",
-    "train.log_every=2",
-    "sample.num_samples=4",
-    "sample.batch_size=4",
-    "sample.steps=5",
-]
+TINY = [*TINY_MODEL, "data.batch_size=8", "train.log_every=2"]
 
 
 def _launch(launcher: str, nproc: int, args: list[str]) -> tuple[int, str]:
