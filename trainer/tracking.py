@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ class MlflowTracker(Tracker):
         run_name: str | None,
         retry_s: float = 30.0,
         max_pending: int = 100_000,
+        on_run_id: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_run_id = on_run_id
         # MLflow reads its HTTP limits from the environment; bound them so one call cannot block for
         # ~4 minutes (the default retry policy) when the server is down.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.request_timeout_s)))
@@ -257,10 +260,20 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
-def create_tracker(cfg: TrackingConfig, is_main: bool, run_id: str | None, run_name: str | None) -> Tracker:
+def create_tracker(
+    cfg: TrackingConfig,
+    is_main: bool,
+    run_id: str | None,
+    run_name: str | None,
+    on_run_id: Callable[[str], None] | None = None,
+) -> Tracker:
+    """``on_run_id(run_id)`` is called (from whichever thread learns it) as soon as the run is created
+    or attached, so the caller can persist the id before anything else can fail."""
     if not (cfg.enabled and is_main):
         return Tracker()
-    return MlflowTracker(cfg.model_copy(update={"uri": resolve_uri(cfg.uri)}), run_id=run_id, run_name=run_name)
+    return MlflowTracker(
+        cfg.model_copy(update={"uri": resolve_uri(cfg.uri)}), run_id=run_id, run_name=run_name, on_run_id=on_run_id
+    )
 
 
 def log_to_run(
