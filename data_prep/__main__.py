@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
     make.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
-    verify = sub.add_parser("verify", help="check shards against manifest.json; exit 1 on problems")
+    verify = sub.add_parser(
+        "verify", help="check shards against manifest.json; exit 1 on problems, 2 if the manifest is unusable"
+    )
     verify.add_argument("dir", type=Path)
     verify.add_argument("--workers", type=int, default=1, help="shards checked in parallel")
     verify.add_argument("--quick", action="store_true", help="sizes and checksums only, no decoding")
@@ -118,8 +120,9 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         return _make(args, argv) if args.command == "make" else _verify(args)
     except (DataPrepError, ManifestError) as err:
+        # Bad input (arguments, a missing/malformed/empty manifest) is 2; verify's "problems found" is 1.
         print(f"error: {err}", file=sys.stderr)
-        return 2 if args.command == "make" else 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted: completed shards are kept; re-run the same command to resume", file=sys.stderr)
         return 130

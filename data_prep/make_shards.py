@@ -328,6 +328,16 @@ def _remove_owned_files(out: Path) -> None:
             path.unlink()
 
 
+def _discard_output(out: Path, created: list[Path]) -> None:
+    """Remove what ``make`` wrote to ``out``, then the directories this run ``created`` (deepest first)
+    while they are empty: a directory the user already had, or one holding anything else, is kept."""
+    _remove_owned_files(out)
+    for d in created:
+        if not d.is_dir() or any(d.iterdir()):
+            break
+        d.rmdir()
+
+
 def _load_progress(out: Path, fingerprint: str) -> dict[str, _SplitProgress] | None:
     path = out / PROGRESS_NAME
     if not path.is_file():
@@ -388,7 +398,10 @@ def make_shards(opts: MakeOptions) -> MakeResult:
         input_fp = DIGITS_FINGERPRINT
     fingerprint = _fingerprint(opts, input_fp)
     out = opts.out
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataPrepError(f"--out {out}: exists and is not a directory")
+    # Created only once the inputs are known to hold images: a failed run leaves no empty directory.
+    created = [d for d in (out, *out.parents) if not d.exists()]
 
     if (out / MANIFEST_NAME).is_file():
         try:
@@ -409,6 +422,12 @@ def make_shards(opts: MakeOptions) -> MakeResult:
 
     if source is None:
         source = load_source(opts)
+    order = split_order(len(source.items), opts.val_fraction, opts.shuffle, opts.seed)
+    if not order["train"]:
+        raise DataPrepError(
+            f"--val-fraction {opts.val_fraction}: leaves no training samples of {len(source.items)} inputs"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     progress = _load_progress(out, fingerprint)
     resumed = progress is not None and any(p.next_position for p in progress.values())
     if progress is None:
@@ -419,7 +438,6 @@ def make_shards(opts: MakeOptions) -> MakeResult:
             tmp.unlink()
         (out / MANIFEST_NAME).unlink(missing_ok=True)
 
-    order = split_order(len(source.items), opts.val_fraction, opts.shuffle, opts.seed)
     remaining = sum(len(order[s]) - progress[s].next_position for s in order)
     if resumed:
         _say(opts, f"{out}: resuming, {remaining} of {len(source.items)} inputs left")
@@ -464,6 +482,16 @@ def make_shards(opts: MakeOptions) -> MakeResult:
             pool.terminate()
             pool.join()
 
+    if not progress["train"].shards:
+        # Every training input was unreadable: a manifest with 0 samples would pass for a dataset.
+        _discard_output(out, created)
+        where = f"--input {opts.input}" if opts.input is not None else f"--source {opts.source.value}"
+        bad = progress["train"].skipped
+        example = f", e.g. {bad[0]['source']}: {bad[0]['error']}" if bad else ""
+        raise DataPrepError(
+            f"{where}: no readable images for the train split "
+            f"({len(bad)} of {len(order['train'])} inputs unreadable{example}); nothing written"
+        )
     skipped = [s for split in ("train", "val") for s in progress[split].skipped]
     (out / SKIPPED_NAME).write_text("".join(f"{s['source']}\t{s['error']}\n" for s in skipped))
     manifest = Manifest(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_prep.manifest import Manifest, ShardInfo, read_manifest, sha256_file
+from data_prep.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, read_manifest, sha256_file
 
 _SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
 
@@ -106,9 +106,12 @@ def _check_task(args: tuple[Path, ShardInfo, _Expect, bool]) -> tuple[list[str],
 
 
 def verify_dir(root: str | Path, workers: int = 1, deep: bool = True) -> tuple[list[str], Manifest]:
-    """Problems found (empty when all is well) and the manifest. Raises ManifestError if it is unreadable."""
+    """Problems found (empty when all is well) and the manifest. Raises ManifestError if it is unreadable
+    or lists no training samples (every shard could check out and the dataset still be useless)."""
     root = Path(root)
     manifest = read_manifest(root)
+    if manifest.split("train").count == 0:
+        raise ManifestError(f"{root / MANIFEST_NAME}: no train samples (re-run `python -m data_prep make`)")
     expect = _Expect(manifest.image_size, manifest.channels, manifest.num_classes)
     shards = [s for split in manifest.splits.values() for s in split.shards]
     tasks = [(root, s, expect, deep) for s in shards]

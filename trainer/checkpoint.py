@@ -1,11 +1,26 @@
-"""Checkpoints: save, resume, keep-last-N, and export of weights for inference.
+"""Checkpoints: one state protocol, atomic saves, resume (also at another world size), export.
+
+Every part of a run that has state implements :class:`Stateful` (``state_dict`` / ``load_state_dict``),
+and the :class:`CheckpointManager` saves and restores a *named set* of them, as torchtitan's
+``CheckpointManager(states=...)`` does. Two scopes:
+
+- ``shared``: identical on every rank (step counters, curves, the timestep history); rank 0 writes them.
+- ``per_rank``: each rank its own (EMA shards under ZeRO-3, RNG streams, data-stream position, the
+  metric window); every rank writes its own file. Restored in the order given, so put the RNG last.
+
+A per-rank part that can continue at another world size implements
+``load_state_dict_resharded(states)``, receiving the states every old rank saved, in rank order; a
+part that cannot makes an elastic resume stop with one line naming it. The DeepSpeed engine (model,
+optimizer, LR schedule) is saved by DeepSpeed itself and, at another world size, restored through
+:mod:`trainer.elastic`.
 
 Layout under ``<output_dir>/checkpoints``::
 
     step_00001000/            DeepSpeed's files (model, optimizer, LR scheduler; ZeRO shards)
-        trainer/common.pt     step counters, timestep-sampler history, MLflow run id (rank 0)
-        trainer/rank_<r>.pt   this rank's RNG states and EMA shadows
-        COMPLETE              written last, by rank 0, after every rank finished
+        trainer/common.pt     the shared states (rank 0)
+        trainer/rank_<r>.pt   this rank's states
+        export.pt             inference weights (written before COMPLETE)
+        COMPLETE              written last, by rank 0, after every rank finished: {"step", "world_size"}
     latest                    name of the newest complete checkpoint, replaced atomically
 
 A crash mid-save leaves a directory without ``COMPLETE`` that ``latest`` never points to; the next
@@ -21,7 +36,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -34,6 +49,13 @@ _TAG = re.compile(r"^step_(\d{8,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a one-line reason."""
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def tag_for(step: int) -> str:
@@ -58,24 +80,48 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class RNGState:
+    """The process's torch RNG streams (CPU, and CUDA where present) as a :class:`Stateful`.
 
+    At another world size there is no saved stream for the new ranks: ``reseed()`` gives each rank a
+    fresh, deterministic one instead."""
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    def __init__(self, reseed: Callable[[], None]) -> None:
+        self._reseed = reseed
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+    def load_state_dict_resharded(self, states: list[dict[str, Any]]) -> None:
+        self._reseed()
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int, env: DistEnv) -> None:
+    """Saves and restores the engine plus named :class:`Stateful` parts (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        keep_last: int,
+        env: DistEnv,
+        engine: Any = None,
+        shared: dict[str, Stateful] | None = None,
+        per_rank: dict[str, Stateful] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.env = env
+        self.engine = engine
+        self.shared = dict(shared or {})
+        self.per_rank = dict(per_rank or {})
 
     # ------------------------------------------------------------------ discovery
     def complete_tags(self) -> list[str]:
@@ -111,15 +157,8 @@ class CheckpointManager:
             raise CheckpointError(f"--resume {resume}: incomplete checkpoint (no {COMPLETE} marker)")
         return path
 
-    # ------------------------------------------------------------------ save / load
-    def save(
-        self,
-        engine: Any,
-        step: int,
-        common: dict[str, Any],
-        per_rank: dict[str, Any],
-        before_complete: Callable[[Path], None] | None = None,
-    ) -> Path:
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, before_complete: Callable[[Path], None] | None = None) -> Path:
         """Collective: every rank must call it. ``before_complete(tag_dir)`` (also collective) writes
         anything else that belongs to the checkpoint before it is marked complete."""
         tag = tag_for(step)
@@ -129,12 +168,12 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
             self.root.mkdir(parents=True, exist_ok=True)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        self.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         own = tag_dir / "trainer"
         own.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(per_rank, own / f"rank_{self.env.rank}.pt")
+        _atomic_torch_save({k: v.state_dict() for k, v in self.per_rank.items()}, own / f"rank_{self.env.rank}.pt")
         if self.env.is_main:
-            _atomic_torch_save(common, own / "common.pt")
+            _atomic_torch_save({k: v.state_dict() for k, v in self.shared.items()}, own / "common.pt")
         if before_complete is not None:
             before_complete(tag_dir)
         os.sync()  # DeepSpeed's files too must be on disk before COMPLETE can be
@@ -156,19 +195,49 @@ class CheckpointManager:
             if _TAG.match(p.name) and not (p / COMPLETE).is_file() and p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, engine: Any, tag_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Collective. Returns (common, per_rank) states; per-rank falls back to rank 0's file when the
-        world size changed (EMA shadows are replicated below ZeRO-3)."""
-        path, _ = engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+    # ------------------------------------------------------------------ load
+    @staticmethod
+    def saved_world_size(tag_dir: Path) -> int:
+        try:
+            return int(json.loads((tag_dir / COMPLETE).read_text())["world_size"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{tag_dir / COMPLETE}: unreadable ({type(err).__name__}: {err})") from None
+
+    def load(self, tag_dir: Path) -> None:
+        """Collective. Restores the engine, then the per-rank parts in order, then the shared ones."""
+        saved_world, world = self.saved_world_size(tag_dir), self.env.world_size
         own = tag_dir / "trainer"
+        if saved_world == world:
+            path, _ = self.engine.load_checkpoint(
+                str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if path is None:
+                raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+            mine = _load_plain(own / f"rank_{self.env.rank}.pt")
+            for name, part in self.per_rank.items():
+                part.load_state_dict(_part(mine, name, own / f"rank_{self.env.rank}.pt"))
+        else:
+            from trainer.elastic import load_engine_state
+
+            load_engine_state(self.engine, tag_dir, saved_world, world, self.env.is_main)
+            saved = [_load_plain(own / f"rank_{r}.pt") for r in range(saved_world)]
+            for name, part in self.per_rank.items():
+                reshard = getattr(part, "load_state_dict_resharded", None)
+                if reshard is None:
+                    raise CheckpointError(
+                        f"{tag_dir}: saved by {saved_world} ranks, resumed on {world}: its '{name}' state "
+                        "cannot change world size; resume on the same number of ranks"
+                    )
+                reshard([_part(s, name, own / f"rank_{r}.pt") for r, s in enumerate(saved)])
         common = _load_plain(own / "common.pt")
-        rank_file = own / f"rank_{self.env.rank}.pt"
-        per_rank = _load_plain(rank_file if rank_file.is_file() else own / "rank_0.pt")
-        return common, per_rank
+        for name, part in self.shared.items():
+            part.load_state_dict(_part(common, name, own / "common.pt"))
+
+
+def _part(states: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    if name not in states:
+        raise CheckpointError(f"{path}: has no '{name}' state (saved by another version of the trainer?)")
+    return states[name]
 
 
 def _load_plain(path: Path) -> dict[str, Any]:

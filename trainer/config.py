@@ -42,7 +42,11 @@ class DataConfig(_Section):
     random_flip: bool = True
     """Flip training images left-right with probability 1/2."""
     seed: int = 0
-    """Data-order seed; each (rank, worker, start step) draws its own stream from it."""
+    """Data-order seed; each (rank, loader worker) draws its own stream from it."""
+    batches_per_round: int = Field(64, gt=0)
+    """Each worker's stream is cut into rounds of about this many batches, each seeded on its own and
+    ending with its shuffle buffer drained. A resume replays (re-reads and decodes) at most one round
+    per worker to reach its exact position; larger rounds waste fewer buffered samples at round ends."""
     on_error: Literal["skip", "raise"] = "skip"
     """Corrupt samples, truncated or unreadable shards: "skip" (warn once per shard, count in
     ``stream.stats()``) or "raise" (stop with the first problem)."""
@@ -153,6 +157,9 @@ class TrainConfig(_Section):
     """Optimizer steps between sample grids during training; 0 samples only at the end."""
     importance_plot_every: int = Field(0, ge=0)
     """Steps between timestep-importance plots; 0 uses ``ckpt_every``."""
+    max_bad_steps: int = Field(20, gt=0)
+    """Consecutive optimizer steps with a non-finite loss or gradient (each skipped on every rank) after
+    which the run stops with an error; the newest checkpoint, whose weights are finite, stays latest."""
     ckpt_every: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
     output_dir: str = "runs/default"
@@ -174,7 +181,8 @@ class SampleConfig(_Section):
     batch_size: int = Field(64, gt=0)
     method: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"
     steps: str = "50"
-    """Respacing: "50", "10,15,20" (per section) or "ddim50"; empty string for all T steps."""
+    """Respacing: "50", "10,15,20" (per section) or "ddim50"; empty string for all T steps. Checked
+    against ``diffusion.steps`` when the config loads (see ``Config._sample_steps_fit_schedule``)."""
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -254,6 +262,22 @@ class Config(_Section):
         rate = self.sample.ema_rate
         if rate is not None and rate not in self.train.ema_rates:
             raise ValueError(f"sample.ema_rate {rate} is not one of train.ema_rates {self.train.ema_rates}")
+        return self
+
+    @model_validator(mode="after")
+    def _sample_steps_fit_schedule(self) -> Config:
+        # Checked here, against T, rather than on SampleConfig: "ddim7" or "200" is only wrong for some
+        # diffusion.steps, and a bad spec otherwise surfaces after training, losing the final grid.
+        # The respacing parser itself is reused (imported late: it pulls in torch).
+        from trainer.diffusion.respace import space_timesteps
+
+        spec = self.sample.steps
+        try:
+            space_timesteps(self.diffusion.steps, spec)
+        except ValueError as err:
+            reason = str(err).removeprefix(f"respacing {spec.strip()!r}: ")
+            # The parser's own message names T where T is the problem ("... of 100 steps", "(T = 100)").
+            raise ValueError(f"sample.steps: {reason} (got {spec!r})") from None
         return self
 
     @property

@@ -129,6 +129,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def agree(flags: torch.Tensor) -> list[bool]:
+    """Per entry of a small float vector on the device: True on every rank when it is non-zero on at
+    least one (one MAX all-reduce, one host read)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in flags.tolist()]
+
+
 def broadcast_object(value: T, device: torch.device, src: int = 0) -> T:
     """Send a small picklable value from ``src`` to every rank (our own processes: trusted data)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

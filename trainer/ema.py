@@ -51,11 +51,12 @@ class EMA:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore the shadows saved by this rank (same world size and ZeRO-3 setting)."""
         saved = state["shadows"]
         assert isinstance(saved, dict)
         for rate in self.rates:
             if str(rate) not in saved:
-                # A rate added since the checkpoint starts from the current weights.
+                self._restart_from_weights(rate)
                 continue
             by_name = saved[str(rate)]
             for name, shadow in zip(self.names, self.shadows[rate], strict=True):
@@ -65,6 +66,57 @@ class EMA:
                 if src.shape != shadow.shape:
                     raise ValueError(f"EMA '{name}': saved shape {tuple(src.shape)} != {tuple(shadow.shape)}")
                 shadow.copy_(src)
+
+    @torch.no_grad()
+    def _restart_from_weights(self, rate: float) -> None:
+        # A rate added since the checkpoint starts from the resumed weights (the caller loads the engine
+        # before the EMA), not from the random initial weights the shadow was built from.
+        for shadow, p in zip(self.shadows[rate], self._params, strict=True):
+            shadow.copy_(self._local(p).float())
+
+    @torch.no_grad()
+    def load_state_dict_resharded(self, states: list[dict[str, object]]) -> None:
+        """Restore this rank's shadows from the ``state_dict()`` of every rank of the saving world, in
+        rank order, whatever that world's size and ZeRO-3 setting were.
+
+        Below ZeRO-3 every rank saved the same full shadows, so rank 0's are taken. Under ZeRO-3 rank
+        ``r`` of ``W`` saved the flat, zero-padded slice ``[r·s, (r+1)·s)`` of each parameter, with
+        ``s = ceil(numel / W)`` (DeepSpeed's partitioning): the slices are concatenated in rank order and
+        cut to ``numel`` to get the full tensor, which is then sliced for the current layout.
+        """
+        if not states:
+            raise ValueError("EMA resharding needs the state of at least one saved rank")
+        saved_zero3 = bool(states[0].get("zero3", False))
+        if not saved_zero3 and not self.zero3:
+            self.load_state_dict(states[0])
+            return
+        rate_names = [set(s["shadows"]) for s in states]  # type: ignore[arg-type]
+        if any(r != rate_names[0] for r in rate_names):
+            raise ValueError("EMA states of the saved ranks hold different rates")
+        for rate in self.rates:
+            if str(rate) not in rate_names[0]:
+                self._restart_from_weights(rate)
+                continue
+            per_rank = [s["shadows"][str(rate)] for s in states]  # type: ignore[index]
+            for name, p, shadow in zip(self.names, self._params, self.shadows[rate], strict=True):
+                if any(name not in by_name for by_name in per_rank):
+                    raise KeyError(f"EMA state has no parameter '{name}'")
+                numel, shape = (p.ds_numel, p.ds_shape) if self.zero3 else (p.numel(), p.shape)
+                if saved_zero3:
+                    full = torch.cat([by_name[name].reshape(-1) for by_name in per_rank])
+                else:
+                    full = per_rank[0][name].reshape(-1)
+                if full.numel() < numel or (not saved_zero3 and full.numel() != numel):
+                    raise ValueError(f"EMA '{name}': saved {full.numel()} values, parameter has {numel}")
+                full = full[:numel]
+                if self.zero3:
+                    size = shadow.numel()  # this rank's ds_tensor size: ceil(numel / world)
+                    start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * size
+                    part = full[start : start + size]
+                    shadow.zero_()
+                    shadow[: part.numel()].copy_(part)
+                else:
+                    shadow.copy_(full.view(shape))
 
     # -- export
     @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,48 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[i
     return factor
 
 
-def build_engine(cfg: Config, model: torch.nn.Module) -> Any:
+class StepGate:
+    """Lets the trainer skip one whole optimizer step from outside DeepSpeed.
+
+    DeepSpeed applies a NaN update in fp32 and skips it in bf16; the trainer wants the same, decided
+    by all ranks, in both. With ``skip`` set, :class:`GatedAdamW` leaves weights and moments untouched
+    and :class:`GatedLambdaLR` does not advance, so the LR schedule stays in step with the optimizer.
+    DeepSpeed still zeroes the gradients as after any step."""
+
+    def __init__(self) -> None:
+        self.skip = False
+
+
+def _gated_step(self: torch.optim.Optimizer, closure: Callable[[], float] | None = None) -> float | None:
+    if self.gate.skip:  # type: ignore[attr-defined]
+        return None
+    return type(self).step(self, closure)
+
+
+def gate_optimizer(optimizer: torch.optim.Optimizer, gate: StepGate) -> torch.optim.Optimizer:
+    """Make ``optimizer.step`` a no-op while ``gate.skip`` is set. Patched on the instance, not by
+    subclassing: DeepSpeed's ZeRO accepts only the exact torch optimizer types without a warning."""
+    optimizer.gate = gate  # type: ignore[attr-defined]  # an attribute: state_dict() does not carry it
+    optimizer.step = types.MethodType(_gated_step, optimizer)  # type: ignore[method-assign]
+    return optimizer
+
+
+class GatedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    def step(self, epoch: int | None = None) -> None:
+        gate = getattr(self.optimizer, "gate", None)
+        if gate is not None and gate.skip:
+            return
+        super().step(epoch)
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, gate: StepGate | None = None) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with torch AdamW (no FusedAdam JIT build) and a LambdaLR."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    optimizer = gate_optimizer(
+        torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay), gate or StepGate()
+    )
+    scheduler = GatedLambdaLR(
         optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.total_steps, cfg.train.lr_schedule)
     )
     engine, _, _, _ = deepspeed.initialize(

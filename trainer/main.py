@@ -22,6 +22,7 @@ if __package__ in (None, ""):
 
 import argparse
 import json
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,28 +32,22 @@ import torch
 
 from data_prep.manifest import ManifestError
 from trainer import distributed, preemption
-from trainer.checkpoint import (
-    EXPORT_NAME,
-    CheckpointError,
-    CheckpointManager,
-    export_weights,
-    rng_state,
-    set_rng_state,
-)
+from trainer.checkpoint import EXPORT_NAME, CheckpointError, CheckpointManager, RNGState, export_weights
 from trainer.config import Config, ConfigError, dump_config, load_config
 from trainer.data import DataError, build_train_stream, load_manifest
 from trainer.diffusion import create_diffusion
 from trainer.ema import EMA
-from trainer.engine import build_engine, model_fn
+from trainer.engine import StepGate, build_engine, model_fn
 from trainer.metrics import LossWindow
 from trainer.models.unet import build_unet, count_parameters, estimate_flops_per_image
+from trainer.nonfinite import NonFiniteGuard
 from trainer.sampling import generate_grid
 from trainer.timesteps import (
     create_timestep_sampler,
     plot_timestep_importance,
     sampler_summary_metrics,
 )
-from trainer.tracking import Tracker, create_tracker, resolve_uri
+from trainer.tracking import Tracker, create_tracker, resolve_uri, validate_uri
 
 RUN_INFO = "run_info.json"
 USER_ERRORS = (ConfigError, CheckpointError, ManifestError, DataError, distributed.LauncherError)
@@ -126,17 +121,68 @@ def _full_model_state(engine: Any) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------ the run
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops (exit status EXIT_NONFINITE)."""
+
+
+EXIT_NONFINITE = 3
+
+
+class TrainState:
+    """The run's counters and curves: identical on every rank, saved once (shared scope)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped_steps = 0
+        self.bad_streak = 0
+        self.mlflow_run_id: str | None = None
+        self.curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps,
+            "bad_streak": self.bad_streak,
+            "mlflow_run_id": self.mlflow_run_id,
+            "curves": {k: [list(p) for p in v] for k, v in self.curves.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_streak = int(state.get("bad_streak", 0))
+        self.mlflow_run_id = state.get("mlflow_run_id")
+        self.curves = defaultdict(list, {k: [(int(a), float(b)) for a, b in v] for k, v in state["curves"].items()})
+
+
+def _prepare_output_dir(out: Path, env: distributed.DistEnv) -> None:
+    """Rank 0 creates ``train.output_dir``; every rank learns whether that worked (no one waits forever)."""
+    error = None
+    if env.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write_test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            error = f"train.output_dir={out}: cannot write there ({err.strerror or type(err).__name__})"
+    error = distributed.broadcast_object(error, env.device)
+    if error:
+        raise ConfigError(error)
+
+
 class Trainer:
-    """Holds the pieces of one run; :meth:`fit` is the loop."""
+    """Composes the parts of one run; :meth:`fit` is the loop, :meth:`train_step` one optimizer step."""
 
     def __init__(self, cfg: Config, env: distributed.DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.train.output_dir)
-        if env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        distributed.barrier()
+        self.manifest = load_manifest(cfg.data.root)  # before anything is written: a bad root leaves nothing
+        _prepare_output_dir(self.out, env)
 
-        self.manifest = load_manifest(cfg.data.root)
         self.num_classes = self.manifest.num_classes if cfg.model.class_cond else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         try:
@@ -151,9 +197,7 @@ class Trainer:
             raise ConfigError(f"{err} (images are {self.manifest.image_size}px)") from None
         self.n_params = count_parameters(model)
         self.flops = estimate_flops_per_image(model, self.manifest.image_size, self.manifest.channels, self.num_classes)
-        # From here on each rank needs its own stream (noise, timesteps, dropout): identical streams
-        # would make the ranks' batches share their noise.
-        torch.manual_seed(cfg.train.seed * 1_000_003 + env.rank + 1)
+        self._seed_rank_stream(step=0)
         self.diffusion = create_diffusion(
             steps=cfg.diffusion.steps,
             schedule=cfg.diffusion.schedule,
@@ -163,8 +207,10 @@ class Trainer:
             vlb_weight=cfg.diffusion.vlb_weight,
             respacing="",
         )
-        self.engine = build_engine(cfg, model)
+        self.gate = StepGate()
+        self.engine = build_engine(cfg, model, self.gate)
         self.call = model_fn(self.engine)
+        self.guard = NonFiniteGuard(self.engine.module, env.device)
         self.ema = EMA(self.engine.module, cfg.train.ema_rates)
         self.sampler = create_timestep_sampler(
             name=cfg.diffusion.timestep_sampler,
@@ -173,11 +219,30 @@ class Trainer:
             uniform_prob=cfg.diffusion.uniform_prob,
             device=env.device,
         )
-        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.train.keep_last, env)
-        self.step = 0
-        self.samples_seen = 0
-        self.curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.stream = build_train_stream(cfg.data, self.manifest, rank=env.rank, world_size=env.world_size)
+        self.window = LossWindow(self.diffusion.num_timesteps, env.device)
+        self.state = TrainState()
+        self.ckpt = CheckpointManager(
+            self.out / "checkpoints",
+            cfg.train.keep_last,
+            env,
+            engine=self.engine,
+            shared={"trainer": self.state, "timestep_sampler": self.sampler},
+            # The RNG goes last: nothing may draw from it between its restore and the next step.
+            per_rank={
+                "ema": self.ema,
+                "data": self.stream,
+                "metrics_window": self.window,
+                "rng": RNGState(lambda: self._seed_rank_stream(self.state.step)),
+            },
+        )
         self.tracker: Tracker = Tracker()
+        self._info_lock = threading.Lock()
+
+    def _seed_rank_stream(self, step: int) -> None:
+        # Each rank needs its own stream (noise, timesteps, dropout): identical streams would make the
+        # ranks' batches share their noise. ``step`` > 0 only when ranks are new after an elastic resume.
+        torch.manual_seed((self.cfg.train.seed * 1_000_003 + self.env.rank + 1) * 7919 + step)
 
     # -------------------------------------------------------------- resume and tracking
     def resume(self, resume: str | None) -> str | None:
@@ -209,39 +274,32 @@ class Trainer:
         tag_dir = Path(path)
         failure: str | None = None
         try:
-            common, per_rank = self.ckpt.load(self.engine, tag_dir)
-            self._restore(common, per_rank, tag_dir)
+            self.ckpt.load(tag_dir)
         except CheckpointError as err:
             failure = str(err)
-        except (KeyError, ValueError, RuntimeError) as err:
+        except (KeyError, ValueError, RuntimeError, AssertionError) as err:
             failure = f"{tag_dir}: cannot restore this run from it ({type(err).__name__}: {err})"
         # A file missing on one rank must stop every rank, not leave the others waiting in a collective.
         if distributed.any_rank(failure is not None, env.device):
             raise CheckpointError(failure or f"{tag_dir}: another rank could not load this checkpoint")
-        _log(env, f"resumed from {tag_dir} at step {self.step}")
-        return common.get("mlflow_run_id") or run_id
+        saved_world = self.ckpt.saved_world_size(tag_dir)
+        where = f" (saved by {saved_world} ranks, now {env.world_size})" if saved_world != env.world_size else ""
+        _log(env, f"resumed from {tag_dir} at step {self.state.step}{where}")
+        if self.stream.restart_reason:
+            _log(env, self.stream.restart_reason)
+        # The run id learned most recently wins: run_info.json is written the moment the id is known,
+        # which can be after the checkpoint was saved (tracking server down at start).
+        return run_id or self.state.mlflow_run_id
 
-    def _restore(self, common: dict[str, Any], per_rank: dict[str, Any], tag_dir: Path) -> None:
-        self.step = int(common["step"])
-        self.samples_seen = int(common["samples_seen"])
-        self.sampler.load_state_dict(common["timestep_sampler"])
-        self.curves.update({k: [tuple(p) for p in v] for k, v in common.get("curves", {}).items()})
-        saved_world = int(common.get("world_size", self.env.world_size))
-        if saved_world != self.env.world_size and self.ema.zero3:
-            raise CheckpointError(
-                f"{tag_dir}: saved by {saved_world} ranks under ZeRO-3; resume it with the same number of ranks"
-            )
-        self.ema.load_state_dict(per_rank["ema"])  # replicated below ZeRO-3: any rank's copy will do
-        if saved_world == self.env.world_size:
-            set_rng_state(per_rank["rng"])
-        else:
-            # New ranks have no saved stream; give every rank a fresh one that differs per rank and step.
-            torch.manual_seed((self.cfg.train.seed * 1_000_003 + self.env.rank + 1) * 7919 + self.step)
+    def _on_run_id(self, run_id: str) -> None:
+        """Called by the tracker, from whichever thread learns the id: persist it at once."""
+        self.state.mlflow_run_id = run_id
+        self._record_run_info(mlflow_run_id=run_id)
 
     def start_tracking(self, run_id: str | None) -> None:
         cfg, env = self.cfg, self.env
         fresh = run_id is None
-        self.tracker = create_tracker(cfg.tracking, env.is_main, run_id, cfg.tracking.run_name)
+        self.tracker = create_tracker(cfg.tracking, env.is_main, run_id, cfg.tracking.run_name, self._on_run_id)
         restarts = distributed.restart_count()
         self._record_run_info(restarts=restarts)
         if restarts:
@@ -263,41 +321,41 @@ class Trainer:
             _log(env, self.tracker.ui_hint)
 
     def _record_run_info(self, **extra: Any) -> None:
-        """Keep ``run_info.json`` (read by ``--resume auto`` and cluster/) in step with the tracker. A known
-        run id is never replaced by None, so a tracking outage cannot fork the MLflow run on restart."""
+        """Keep ``run_info.json`` (read by ``--resume auto`` and cluster/) up to date. A known run id is
+        never replaced by None, so a tracking outage cannot fork the MLflow run on restart."""
         if not self.env.is_main:
             return
-        info = _read_run_info(self.out)
-        new = dict(info, tracking_uri=resolve_uri(self.cfg.tracking.uri), **extra)
-        if self.tracker.run_id:
-            new["mlflow_run_id"] = self.tracker.run_id
-        if new != info:
-            _write_run_info(self.out, new)
+        with self._info_lock:
+            info = _read_run_info(self.out)
+            new = dict(info, tracking_uri=resolve_uri(self.cfg.tracking.uri), **extra)
+            if self.state.mlflow_run_id:
+                new["mlflow_run_id"] = self.state.mlflow_run_id
+            if new != info:
+                _write_run_info(self.out, new)
 
     # -------------------------------------------------------------- persistence
-    def save(self) -> Path:
-        common = {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "timestep_sampler": self.sampler.state_dict(),
-            "mlflow_run_id": self.tracker.run_id or _read_run_info(self.out).get("mlflow_run_id"),
-            "world_size": self.env.world_size,
-            "curves": {k: [list(p) for p in v] for k, v in self.curves.items()},
-        }
+    def _weights_finite_everywhere(self) -> bool:
+        tensors = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        tensors += [s for shadows in self.ema.shadows.values() for s in shadows]
+        local = all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
+        return not distributed.any_rank(not local, self.env.device)
+
+    def save(self) -> Path | None:
+        """A checkpoint of the current step (collective). Never one with non-finite weights."""
+        if not self._weights_finite_everywhere():
+            _log(self.env, f"warning: step {self.state.step}: weights not finite, checkpoint NOT written")
+            return None
         digest = _param_digest(self.engine.module)
-        per_rank = {"ema": self.ema.state_dict(), "rng": rng_state(), "param_digest": digest}
         digests = [None] * self.env.world_size
         if torch.distributed.is_initialized() and self.env.world_size > 1:
             torch.distributed.all_gather_object(digests, digest)
             if len(set(digests)) > 1:
                 print(
-                    f"warning: rank {self.env.rank}: model replicas differ across ranks at step {self.step}",
+                    f"warning: rank {self.env.rank}: model replicas differ across ranks at step {self.state.step}",
                     file=sys.stderr,
                     flush=True,
                 )
-        tag_dir = self.ckpt.save(
-            self.engine, self.step, common, per_rank, before_complete=lambda d: self.export(d / EXPORT_NAME)
-        )
+        tag_dir = self.ckpt.save(self.state.step, before_complete=lambda d: self.export(d / EXPORT_NAME))
         self._record_run_info()
         _log(self.env, f"checkpoint saved: {tag_dir}")
         return tag_dir
@@ -311,10 +369,10 @@ class Trainer:
                 "image_size": self.manifest.image_size,
                 "channels": self.manifest.channels,
                 "num_classes": self.num_classes,
-                "mlflow_run_id": self.tracker.run_id,
+                "mlflow_run_id": self.tracker.run_id or self.state.mlflow_run_id,
                 "tracking_uri": resolve_uri(self.cfg.tracking.uri),
             }
-            export_weights(path, self.cfg.model_dump(mode="json"), self.step, model_state, ema, meta)
+            export_weights(path, self.cfg.model_dump(mode="json"), self.state.step, model_state, ema, meta)
         distributed.barrier()
 
     # -------------------------------------------------------------- pictures
@@ -326,8 +384,8 @@ class Trainer:
         )
         if self.env.is_main:
             t0 = time.perf_counter()
-            # Building the sampling model draws initial weights from the global RNG: keep the training
-            # stream untouched so a resumed run continues exactly like an uninterrupted one.
+            # Building the sampling model and sampling draw from the global RNG: fork it so the training
+            # stream is untouched and a run with grids continues exactly like one without.
             cuda = [self.env.device] if self.env.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
                 png, arr = generate_grid(
@@ -341,126 +399,174 @@ class Trainer:
             dt = time.perf_counter() - t0
             samples_dir = self.out / "samples"
             samples_dir.mkdir(exist_ok=True)
-            path = samples_dir / f"step_{self.step:08d}.png"
+            path = samples_dir / f"step_{self.state.step:08d}.png"
             path.write_bytes(png)
             self.tracker.log_artifact_file(path, "samples")
-            self.tracker.log_metrics({"sample/seconds_per_image": dt / len(arr)}, step=self.step)
+            self.tracker.log_metrics({"sample/seconds_per_image": dt / len(arr)}, step=self.state.step)
             print(f"sample grid ({cfg.sample.method}, steps={cfg.sample.steps or 'all'}): {path}", flush=True)
         distributed.barrier()
 
     def log_importance(self) -> None:
         if self.env.is_main:
             self.tracker.log_artifact_bytes(
-                plot_timestep_importance(self.sampler, self.step),
-                f"timesteps/importance_step_{self.step:08d}.png",
+                plot_timestep_importance(self.sampler, self.state.step),
+                f"timesteps/importance_step_{self.state.step:08d}.png",
             )
+
+    # -------------------------------------------------------------- one optimizer step
+    def train_step(self) -> tuple[bool, bool]:
+        """Micro-batches → losses → backward → (agreed) optimizer step → history and EMA.
+
+        Returns (kept, stop): ``kept`` is False when the loss or a gradient was not finite on some rank
+        (the step was then skipped whole on every rank: no weight, moment, LR, EMA or history change);
+        ``stop`` is True on every rank when any rank received a stop signal."""
+        accum, env = self.cfg.train.grad_accum, self.env
+        self.guard.reset()
+        for micro in range(accum):
+            x, y = next(self.stream)
+            x = x.to(env.device, non_blocking=True)
+            kwargs = {"y": y.to(env.device)} if self.num_classes else {}
+            t, weights = self.sampler.sample(x.shape[0])
+            terms = self.diffusion.training_losses(self.call, x, t, model_kwargs=kwargs)
+            loss = (terms["loss"] * weights).mean()
+            self.guard.check_loss(loss)
+            self.engine.backward(loss)
+            # The history tracks the unweighted per-sample L_vlb term: the paper's importance sampling
+            # targets L_vlb (and the config allows it only with the hybrid or kl objective).
+            self.sampler.record(t, terms["vb"].detach())
+            self.window.add(loss, terms, t, weights)
+            if micro == accum - 1:
+                # One collective decides the step and the stop for all ranks before the optimizer runs.
+                bad, stop = distributed.agree(
+                    torch.stack([self.guard.flag, torch.tensor(float(preemption.requested()), device=env.device)])
+                )
+                self.gate.skip = bad
+            skipped_before = getattr(self.engine, "skipped_steps", 0)
+            self.engine.step()
+        self.gate.skip = False
+        # DeepSpeed's own overflow check (bf16) may skip a step too; count it as ours.
+        bad = bad or getattr(self.engine, "skipped_steps", 0) != skipped_before
+        self.state.samples_seen += x.shape[0] * accum * env.world_size
+        if bad:
+            self.sampler.discard_pending()
+            self.window.discard()
+            return False, stop
+        self.sampler.sync()
+        self.ema.update()
+        self.window.commit()
+        return True, stop
 
     # -------------------------------------------------------------- the loop
     def fit(self) -> int:
-        cfg, env = self.cfg, self.env
+        cfg, env, st = self.cfg, self.env, self.state
         total, accum = cfg.train.total_steps, cfg.train.grad_accum
-        stream = build_train_stream(
-            cfg.data,
-            self.manifest,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=cfg.data.seed,
-            start_step=self.step,
-        )
-        batches = iter(stream)
-        plot_every = cfg.train.importance_plot_every or cfg.train.ckpt_every
         _log(
             env,
             f"training {self.n_params / 1e6:.2f}M params ({self.flops / 1e9:.3f} GFLOP/img) on {env.world_size} "
-            f"x {env.device.type}, steps {self.step}->{total}, global batch "
+            f"x {env.device.type}, steps {st.step}->{total}, global batch "
             f"{cfg.data.batch_size * accum * env.world_size}",
         )
-        window = LossWindow(self.diffusion.num_timesteps, env.device)
-        t_window = time.perf_counter()
-        t_start, step_start = t_window, self.step
-        saved_at = self.step if self.step else -1
+        self.t_window = time.perf_counter()
+        self.t_start, self.step_start = self.t_window, st.step
+        saved_at = st.step if st.step else -1
 
-        while self.step < total:
-            if distributed.any_rank(preemption.requested(), env.device):
-                _log(env, f"stop signal received at step {self.step}: saving and exiting for requeue")
-                if saved_at != self.step:
+        while st.step < total:
+            kept, stop = self.train_step()
+            if kept:
+                st.bad_streak = 0
+                st.step += 1
+                saved_at = self._after_step(saved_at)
+            else:
+                st.skipped_steps += 1
+                st.bad_streak += 1
+                _log(
+                    env,
+                    f"warning: non-finite loss or gradient at step {st.step + 1}: step skipped on every rank "
+                    f"({st.bad_streak} in a row, {st.skipped_steps} in total; limit train.max_bad_steps="
+                    f"{cfg.train.max_bad_steps})",
+                )
+                if st.bad_streak >= cfg.train.max_bad_steps:
+                    latest = self.ckpt.latest()
+                    raise NonFiniteError(
+                        f"{st.bad_streak} consecutive optimizer steps had a non-finite loss or gradient "
+                        f"(from step {st.step + 1}); stopped. Newest finite checkpoint: "
+                        f"{latest if latest else 'none'}. Lower train.lr or check the data."
+                    )
+            if stop:
+                _log(env, f"stop signal received at step {st.step}: saving and exiting for requeue")
+                if saved_at != st.step:
                     self.save()
                 return preemption.EXIT_PREEMPTED
 
-            for _ in range(accum):
-                x, y = next(batches)
-                x = x.to(env.device, non_blocking=True)
-                kwargs = {"y": y.to(env.device)} if self.num_classes else {}
-                t, weights = self.sampler.sample(x.shape[0])
-                terms = self.diffusion.training_losses(self.call, x, t, model_kwargs=kwargs)
-                loss = (terms["loss"] * weights).mean()
-                self.engine.backward(loss)
-                self.engine.step()
-                # The history tracks the unweighted per-sample L_vlb term: the paper's importance sampling
-                # targets L_vlb (and the config allows it only with the hybrid or kl objective).
-                self.sampler.record(t, terms["vb"].detach())
-                window.add(loss, terms, t, weights)
-                self.samples_seen += x.shape[0] * env.world_size
-            self.sampler.sync()
-            self.ema.update()
-            self.step += 1
-
-            if self.step % cfg.train.log_every == 0 or self.step == total:
-                now = time.perf_counter()
-                steps_done = window.micro_batches / accum
-                metrics = window.reduce()
-                rate = steps_done / (now - t_window)
-                data_stats = stream.stats()
-                metrics.update(
-                    {
-                        "lr": self.engine.get_lr()[0],
-                        "steps_per_s": rate,
-                        "samples_per_s": rate * cfg.data.batch_size * accum * env.world_size,
-                        "data/wait_s": float(data_stats.get("wait_s", 0.0)),
-                        "data/skipped": float(data_stats.get("skipped", 0)),
-                        "data/shard_errors": float(data_stats.get("shard_errors", 0)),
-                        "data/samples_per_s": float(data_stats.get("samples_per_s", 0.0)),
-                        **sampler_summary_metrics(self.sampler),
-                    }
-                )
-                grad_norm = self.engine.get_global_grad_norm()
-                if grad_norm is not None:  # not every ZeRO stage / precision reports it
-                    metrics["grad_norm"] = float(grad_norm)
-                eta = (total - self.step) * (now - t_start) / max(1, self.step - step_start)
-                _log(
-                    env,
-                    f"step {self.step}/{total} | loss {metrics['loss']:.4f} mse {metrics['mse']:.4f}"
-                    + f" vb {metrics['vb']:.4f}"
-                    + f" | {rate:.2f} steps/s {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_time(eta)}",
-                )
-                self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
-                for k in ("loss", "mse", "vb"):
-                    if k in metrics:
-                        self.curves[k].append((self.step, metrics[k]))
-                t_window = time.perf_counter()
-
-            if self.step % cfg.train.ckpt_every == 0 or self.step == total:
-                self.save()
-                saved_at = self.step
-            if self.step % plot_every == 0 and cfg.diffusion.timestep_sampler != "uniform":
-                self.log_importance()
-            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0 and self.step != total:
-                self.sample_grid()
-
-        if saved_at != self.step:
+        if saved_at != st.step:
             self.save()
         if cfg.diffusion.timestep_sampler != "uniform":
             self.log_importance()
-        if self.env.is_main and self.curves:
+        if self.env.is_main and st.curves:
             from trainer.images import curves_png
 
-            self.tracker.log_artifact_bytes(curves_png(dict(self.curves)), "plots/loss_curves.png")
+            self.tracker.log_artifact_bytes(curves_png(dict(st.curves)), "plots/loss_curves.png")
         self.sample_grid()
         return 0
+
+    def _after_step(self, saved_at: int) -> int:
+        """Logging, checkpoint, plots and grids at their cadences. Returns the step last saved."""
+        cfg, st, total = self.cfg, self.state, self.cfg.train.total_steps
+        if st.step % cfg.train.log_every == 0 or st.step == total:
+            self._log_metrics()
+        if (st.step % cfg.train.ckpt_every == 0 or st.step == total) and self.save() is not None:
+            saved_at = st.step
+        plot_every = cfg.train.importance_plot_every or cfg.train.ckpt_every
+        if st.step % plot_every == 0 and cfg.diffusion.timestep_sampler != "uniform":
+            self.log_importance()
+        if cfg.train.sample_every and st.step % cfg.train.sample_every == 0 and st.step != total:
+            self.sample_grid()
+        return saved_at
+
+    def _log_metrics(self) -> None:
+        cfg, env, st = self.cfg, self.env, self.state
+        total, accum = cfg.train.total_steps, cfg.train.grad_accum
+        now = time.perf_counter()
+        steps_done = self.window.micro_batches / accum
+        data = self.stream.stats()
+        # Data counters are summed over ranks (each rank reads its own shards).
+        metrics = self.window.reduce(
+            extra={
+                "data/skipped": float(data.get("skipped", 0)),
+                "data/shard_errors": float(data.get("shard_errors", 0)),
+                "data/wait_s": float(data.get("wait_s", 0.0)) / env.world_size,
+                "data/samples_per_s": float(data.get("samples_per_s", 0.0)),
+            }
+        )
+        rate = steps_done / max(now - self.t_window, 1e-9)
+        metrics.update(
+            {
+                "lr": self.engine.get_lr()[0],
+                "steps_per_s": rate,
+                "samples_per_s": rate * cfg.data.batch_size * accum * env.world_size,
+                "skipped_steps": float(st.skipped_steps),
+                **sampler_summary_metrics(self.sampler),
+            }
+        )
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:  # not every ZeRO stage / precision reports it
+            metrics["grad_norm"] = float(grad_norm)
+        eta = (total - st.step) * (now - self.t_start) / max(1, st.step - self.step_start)
+        _log(
+            env,
+            f"step {st.step}/{total} | loss {metrics['loss']:.4f} mse {metrics['mse']:.4f} vb {metrics['vb']:.4f}"
+            f" | {rate:.2f} steps/s {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_time(eta)}",
+        )
+        self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=st.step)
+        for k in ("loss", "mse", "vb"):
+            st.curves[k].append((st.step, metrics[k]))
+        self.t_window = time.perf_counter()
 
 
 def run(cfg: Config, resume: str | None) -> int:
     """Train with an initialised distributed environment. Returns the process exit status."""
+    if cfg.tracking.enabled:
+        validate_uri(resolve_uri(cfg.tracking.uri))  # a bad URI stops here, before anything is written
     env = distributed.init_distributed()
     preemption.install()
     trainer: Trainer | None = None
@@ -472,6 +578,9 @@ def run(cfg: Config, resume: str | None) -> int:
         code = trainer.fit()
         status = "FINISHED" if code == 0 else "KILLED"
         return code
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
     finally:
         if trainer is not None:
             trainer.tracker.close(status=status)

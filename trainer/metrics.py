@@ -19,9 +19,14 @@ _SIZE = _QN + _QUARTERS
 
 
 class LossWindow:
+    """Sums over the optimizer steps since the last log. A step's micro-batches are staged and only
+    counted when the step is kept (:meth:`commit`), so a skipped non-finite step leaves no trace."""
+
     def __init__(self, num_timesteps: int, device: torch.device) -> None:
         self.num_timesteps = num_timesteps
         self.acc = torch.zeros(_SIZE, dtype=torch.float64, device=device)
+        self._staged = torch.zeros_like(self.acc)
+        self._staged_micro = 0
         self.micro_batches = 0
 
     @torch.no_grad()
@@ -34,18 +39,31 @@ class LossWindow:
         and need no weights)."""
         b = t.shape[0]
         w = weights.detach().double()
-        self.acc[_LOSS] += loss.detach().double() * b
-        self.acc[_MSE] += (per_sample["mse"].detach().double() * w).sum()
-        self.acc[_VB] += (per_sample["vb"].detach().double() * w).sum()
-        self.acc[_N] += b
+        acc = self._staged
+        acc[_LOSS] += loss.detach().double() * b
+        acc[_MSE] += (per_sample["mse"].detach().double() * w).sum()
+        acc[_VB] += (per_sample["vb"].detach().double() * w).sum()
+        acc[_N] += b
         quarter = (t * _QUARTERS) // self.num_timesteps
-        self.acc[_QSUM:_QN].scatter_add_(0, quarter, per_sample["loss"].detach().double())
-        self.acc[_QN:_SIZE].scatter_add_(0, quarter, torch.ones_like(quarter, dtype=torch.float64))
-        self.micro_batches += 1
+        acc[_QSUM:_QN].scatter_add_(0, quarter, per_sample["loss"].detach().double())
+        acc[_QN:_SIZE].scatter_add_(0, quarter, torch.ones_like(quarter, dtype=torch.float64))
+        self._staged_micro += 1
 
-    def reduce(self) -> dict[str, float]:
-        """Means over the window and over all ranks (collective when distributed); resets the window."""
-        acc = self.acc.clone()
+    def commit(self) -> None:
+        self.acc += self._staged
+        self.micro_batches += self._staged_micro
+        self.discard()
+
+    def discard(self) -> None:
+        self._staged.zero_()
+        self._staged_micro = 0
+
+    def reduce(self, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Means over the window and over all ranks (collective when distributed); resets the window.
+        ``extra`` values (the same keys on every rank) are summed over ranks in the same collective."""
+        names = sorted(extra or {})
+        tail = torch.tensor([float(extra[k]) for k in names], dtype=torch.float64, device=self.acc.device)  # type: ignore[index]
+        acc = torch.cat([self.acc, tail])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(acc)
         v = acc.tolist()
@@ -54,6 +72,28 @@ class LossWindow:
         for q in range(_QUARTERS):
             if v[_QN + q] > 0:
                 out[f"loss_q{q}"] = v[_QSUM + q] / v[_QN + q]
+        out.update({k: v[_SIZE + i] for i, k in enumerate(names)})
         self.acc.zero_()
         self.micro_batches = 0
         return out
+
+    # -- checkpointing (per rank: each rank's window holds its own samples)
+    def state_dict(self) -> dict[str, object]:
+        return {"acc": self.acc.detach().cpu().clone(), "micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        acc = state["acc"]
+        assert isinstance(acc, torch.Tensor)
+        self.acc.copy_(acc.to(self.acc.device))
+        self.micro_batches = int(state["micro_batches"])  # type: ignore[arg-type]
+        self.discard()
+
+    def load_state_dict_resharded(self, states: list[dict[str, object]]) -> None:
+        """At another world size the partial window's samples are summed into rank 0's window."""
+        self.discard()
+        self.acc.zero_()
+        self.micro_batches = 0
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() == 0:
+            for st in states:
+                self.acc += st["acc"].to(self.acc.device)  # type: ignore[union-attr]
+            self.micro_batches = int(states[0]["micro_batches"])  # type: ignore[arg-type]

@@ -54,27 +54,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    flags = {
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "method": args.method,
+        "steps": args.steps,
+        "eta": args.eta,
+        "churn": args.churn,
+        "seed": args.seed,
+        "clip_denoised": False if args.no_clip else None,
+    }
     try:
-        cfg, model, meta = load_for_inference(args.checkpoint, not args.raw, args.ema_rate, device)
-        updates = {
-            "num_samples": args.num_samples,
-            "batch_size": args.batch_size,
-            "method": args.method,
-            "steps": args.steps,
-            "eta": args.eta,
-            "churn": args.churn,
-            "seed": args.seed,
-        }
-        for key, value in updates.items():
-            if value is not None:
-                setattr(cfg.sample, key, value)
-        if args.no_clip:
-            cfg.sample.clip_denoised = False
+        # Flags go in before validation: "--steps ddim7" is checked against the export's diffusion.steps
+        # here, in one line, not halfway through sampling.
+        cfg, model, meta = load_for_inference(
+            args.checkpoint,
+            not args.raw,
+            args.ema_rate,
+            device,
+            sample={k: v for k, v in flags.items() if v is not None},
+        )
     except (CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # pydantic validate_assignment
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
 
     num_classes = meta["num_classes"]

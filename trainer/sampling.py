@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,16 +23,66 @@ def build_inference_model(
     channels: int,
     num_classes: int | None,
     device: torch.device,
+    source: str = "weights",
 ) -> torch.nn.Module:
-    model = build_unet(
-        cfg.model,
-        image_size=image_size,
-        in_channels=channels,
-        learn_sigma=cfg.diffusion.var_type == "learned_range",
-        num_classes=num_classes,
-    )
+    """The UNet of ``cfg`` holding ``weights``; raises CheckpointError naming ``source`` when the config
+    does not build a model or its shapes do not match the weights."""
+    from trainer.checkpoint import CheckpointError
+
+    try:
+        model = build_unet(
+            cfg.model,
+            image_size=image_size,
+            in_channels=channels,
+            learn_sigma=cfg.diffusion.var_type == "learned_range",
+            num_classes=num_classes,
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{source}: its config does not build a model ({err})") from None
+    problem = weights_mismatch(cfg, model.state_dict(), weights)
+    if problem:
+        raise CheckpointError(f"{source}: {problem}")
     model.load_state_dict(weights)
     return model.to(device).eval()
+
+
+def weights_mismatch(cfg: Config, expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str | None:
+    """One line on how ``saved`` differs from the model's ``expected`` state dict, or None if it fits.
+
+    Checked before ``load_state_dict``, whose error is a many-line list of every key."""
+    if not isinstance(saved, dict):
+        return f"weights are a {type(saved).__name__}, not a state dict"
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [
+        (k, tuple(saved[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys e.g. {missing[0]!r}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} e.g. {unexpected[0]!r}")
+    if shapes:
+        key, have, want = shapes[0]
+        more = f" [+{len(shapes) - 1} more]" if len(shapes) > 1 else ""
+        parts.append(f"shape mismatch {key!r}: saved {have} vs model {want}{more}")
+    return f"weights do not match its config ({_mismatch_hint(cfg, expected, saved)}): {', '.join(parts)}"
+
+
+def _mismatch_hint(cfg: Config, expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str:
+    """The config key most likely edited, read off the UNet's first and last convolutions."""
+    first, last = "input_blocks.0.0.weight", "out.1.weight"
+    w = saved.get(first)
+    if isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[0] != cfg.model.channels:
+        return f"model.channels is {cfg.model.channels}, the weights have {w.shape[0]}"
+    w = saved.get(last)
+    if isinstance(w, torch.Tensor) and w.ndim == 4 and last in expected and w.shape[0] != expected[last].shape[0]:
+        return f"diffusion.var_type {cfg.diffusion.var_type!r}: the weights have {w.shape[0]} output channels"
+    return "model.* or diffusion.var_type edited?"
 
 
 def base_diffusion(cfg: Config) -> GaussianDiffusion:
@@ -108,23 +160,62 @@ def generate_grid(
 
 
 def load_for_inference(
-    path: str, use_ema: bool, ema_rate: float | None, device: torch.device
+    path: str,
+    use_ema: bool,
+    ema_rate: float | None,
+    device: torch.device,
+    sample: dict[str, Any] | None = None,
 ) -> tuple[Config, torch.nn.Module, dict]:
-    """Model and config from an export file (or the newest one under a run directory)."""
+    """Model and config from an export file (or the newest one under a run directory).
+
+    ``sample`` settings (command-line flags) replace the saved ``sample:`` section's before the config
+    is validated, so they are checked against its ``diffusion.steps`` like a YAML file's. Every problem
+    with the file (unreadable, not an export, weights that do not fit its config) is a CheckpointError
+    or ConfigError with a one-line message."""
     from trainer.checkpoint import CheckpointError, load_export
     from trainer.config import config_from_dict
 
-    state = load_export(path)
-    cfg = config_from_dict(state["config"], source=state["path"])
-    meta = dict(state["meta"], step=state["step"], path=state["path"])
+    try:
+        state = load_export(path)
+    except CheckpointError as err:
+        raise _one_line(err) from None
+    where = state["path"]
+    data, meta = state["config"], state["meta"]
+    if not isinstance(data, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: not an export file ('config' and 'meta' must be mappings)")
+    absent = [k for k in ("image_size", "channels", "num_classes") if k not in meta]
+    if absent:
+        raise CheckpointError(f"{where}: not an export file (meta lacks {', '.join(absent)})")
+    if sample:
+        data = {**data, "sample": {**(data.get("sample") or {}), **sample}}
+    cfg = config_from_dict(data, source=where)
+    meta = dict(meta, step=state["step"], path=where)
     if use_ema:
         rate = str(ema_rate if ema_rate is not None else cfg.sample_ema_rate)
         if rate not in state["ema"]:
-            raise CheckpointError(f"{state['path']}: no EMA at rate {rate} (has {', '.join(state['ema'])})")
+            raise CheckpointError(f"{where}: no EMA at rate {rate} (has {', '.join(state['ema'])})")
         weights = state["ema"][rate]
         meta["weights"] = f"ema {rate}"
     else:
         weights = state["model"]
         meta["weights"] = "raw"
-    model = build_inference_model(cfg, weights, meta["image_size"], meta["channels"], meta["num_classes"], device)
+    model = build_inference_model(
+        cfg, weights, meta["image_size"], meta["channels"], meta["num_classes"], device, source=where
+    )
     return cfg, model, meta
+
+
+def _one_line(err: Exception) -> Exception:
+    """``err`` unchanged if its message is one line, else a CheckpointError keeping the first line's head
+    and the first line that names an error: torch's weights-only unpickling failure spans a dozen lines
+    of advice (e.g. to load with ``weights_only=False``, which a CLI must not suggest)."""
+    from trainer.checkpoint import CheckpointError
+
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return err
+    head, marker, _ = lines[0].partition(": unreadable (")
+    detail = next((ln for ln in lines[1:] if re.match(r"\w*\s?error:", ln, re.IGNORECASE)), None)
+    if not marker or detail is None:
+        return CheckpointError(lines[0])
+    return CheckpointError(f"{head}: unreadable ({detail.split('. ')[0].rstrip('.')})")

@@ -113,6 +113,9 @@ class TimestepSampler:
         """Fold all ranks' queued pairs into the history; returns how many. The uniform sampler has none."""
         return 0
 
+    def discard_pending(self) -> None:
+        """Drop the pairs queued since the last sync (a skipped step). The uniform sampler has none."""
+
     def history_stats(self) -> dict[str, np.ndarray] | None:
         """Per-t ``count``, ``mean`` and ``rms`` of the history (NaN where empty); None without a history."""
         return None
@@ -222,6 +225,10 @@ class LossSecondMomentSampler(TimestepSampler):
         if len(pairs):
             self._fold(pairs)
         return len(pairs)
+
+    def discard_pending(self) -> None:
+        """Drop the queued pairs of a step that was skipped (every rank does, so histories stay equal)."""
+        self._pending = []
 
     @property
     def pending(self) -> int:

@@ -61,6 +61,25 @@ def test_flat_params_cover_every_leaf() -> None:
         ),
         ("diffusion:\n  loss: mse\n", [], "diffusion: loss 'mse' with var_type 'learned_range' never trains"),
         ("sample:\n  ema_rate: 0.5\n", [], "sample.ema_rate 0.5 is not one of train.ema_rates"),
+        (
+            "",
+            ["sample.steps=abc"],
+            "sample.steps: 'abc' is not a step count (expected '', 'K', 'a,b,c' or 'ddimK') (got 'abc')",
+        ),
+        ("", ["sample.steps=0"], "sample.steps: step counts must be >= 1, got 0 (got '0')"),
+        ("", ["sample.steps=ddim"], "sample.steps: '' is not a step count"),
+        # Respacings that only fail against T = diffusion.steps (here 100).
+        (
+            "diffusion:\n  steps: 100\n",
+            ["sample.steps=200"],
+            "sample.steps: section 0 has 100 steps, cannot keep 200 (T = 100) (got '200')",
+        ),
+        ("diffusion:\n  steps: 100\n", ["sample.steps=10,60"], "sample.steps: section 1 has 50 steps, cannot keep 60"),
+        (
+            "diffusion:\n  steps: 100\nsample:\n  steps: ddim40\n",
+            [],
+            "sample.steps: no integer stride gives exactly 40 of 100 steps (got 'ddim40')",
+        ),
         ("", ["train.lr"], "override 'train.lr': expected key.path=value"),
         ("", ["train.lr.x=1"], "train.lr: Input should be a valid number"),
         ("train: [1, 2\n", [], "invalid YAML"),
@@ -76,6 +95,22 @@ def test_bad_config_is_one_line_naming_the_key(
     msg = str(info.value)
     assert expected in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("spec", ["", "50", "100", "10,15,20", "ddim50", "ddim25", "ddim7", " 5 "])
+def test_valid_respacings_load(spec: str) -> None:
+    cfg = load_config(None, ["diffusion.steps=100", f"sample.steps={spec}"])
+    assert cfg.sample.steps.strip() == spec.strip()
+
+
+def test_respacing_error_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "run.yaml", "diffusion:\n  steps: 100\nsample:\n  steps: 5\n")
+    assert load_config(path).sample.steps == "5"  # an int in YAML is kept as its text
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["sample.steps=abc"])
+    assert str(info.value) == (
+        f"{path}: sample.steps: 'abc' is not a step count (expected '', 'K', 'a,b,c' or 'ddimK') (got 'abc')"
+    )
 
 
 def test_missing_file_and_cycle(tmp_path: Path) -> None:

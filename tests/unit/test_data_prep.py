@@ -383,6 +383,99 @@ def test_verify_reports_undecodable_sample_and_bad_manifest(tmp_path: Path, caps
     out_lines = capsys.readouterr().out
     assert "train-000000.tar: sample 00000003: undecodable PNG" in out_lines
     (out / "manifest.json").write_text("{not json")
-    assert cli(["verify", str(out)]) == 1
+    assert cli(["verify", str(out)]) == 2  # an unusable manifest is bad input, not a shard problem
     err = capsys.readouterr().err.strip()
     assert str(out / "manifest.json") in err and "invalid JSON" in err
+
+
+# --------------------------------------------------------------------------- inputs with no images
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def _make_args(kind: str, src: Path, out: Path, *extra: str) -> list[str]:
+    return ["make", "--source", kind, "--input", str(src), "--out", str(out), "--image-size", "8", "--quiet", *extra]
+
+
+def test_folder_without_images_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "new" / "o"  # neither it nor its parent exist yet
+    assert cli(_make_args("folder", src, out)) == 2
+    line = _one_error_line(capsys)
+    assert str(src) in line and "no image files" in line and ".png" in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_only_unreadable_images_is_an_error_and_leaves_no_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"not a png")
+    (src / "b.jpg").write_bytes(os.urandom(64))
+    out = tmp_path / "new" / "o"
+    assert cli(_make_args("folder", src, out)) == 2
+    line = _one_error_line(capsys)
+    assert f"--input {src}: no readable images for the train split (2 of 2 inputs unreadable, e.g. a.png:" in line
+    assert not (tmp_path / "new").exists()  # created by make, removed again with its parent
+
+    # A directory the user already had keeps its other content; only make's own files go.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "README").write_text("mine")
+    assert cli(_make_args("folder", src, kept)) == 2
+    _one_error_line(capsys)
+    assert sorted(p.name for p in kept.iterdir()) == ["README"]
+    # An empty directory the user made is theirs too: it stays.
+    empty = tmp_path / "empty_out"
+    empty.mkdir()
+    assert cli(_make_args("folder", src, empty)) == 2
+    _one_error_line(capsys)
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+def test_empty_npz_and_all_val_split_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, images=np.zeros((0, 8, 8), np.uint8))
+    out = tmp_path / "o"
+    assert cli(_make_args("npz", empty, out)) == 2
+    assert _one_error_line(capsys) == f"error: {empty}: no images"
+    assert not out.exists()
+
+    three = tmp_path / "three.npz"
+    np.savez(three, images=np.zeros((3, 8, 8), np.uint8))
+    assert cli(_make_args("npz", three, out, "--val-fraction", "0.9")) == 2  # round(3 * 0.9) = 3 to val
+    assert "--val-fraction 0.9: leaves no training samples of 3 inputs" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "afile"
+    out.write_text("x")
+    assert cli(_make_args("npz", npz_input(tmp_path, 4), out)) == 2
+    assert _one_error_line(capsys) == f"error: --out {out}: exists and is not a directory"
+    assert out.read_text() == "x"
+
+
+def test_verify_rejects_a_manifest_without_train_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    make_shards(opts(out, source=SourceKind.NPZ, input=npz_input(tmp_path, 10), image_size=8, max_per_shard=10))
+    # What `make` wrote before it refused empty inputs: a well-formed manifest listing nothing.
+    data = json.loads((out / "manifest.json").read_text())
+    for split in data["splits"].values():
+        split.update(count=0, pattern=None, shards=[])
+    (out / "manifest.json").write_text(json.dumps(data))
+    (out / "train-000000.tar").unlink()
+    assert cli(["verify", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert (
+        captured.err.strip() == f"error: {out / 'manifest.json'}: no train samples (re-run `python -m data_prep make`)"
+    )
+    assert captured.out == ""

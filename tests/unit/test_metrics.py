@@ -24,6 +24,7 @@ def test_window_means_match_a_float64_recount() -> None:
             torch.tensor(t),
             torch.tensor(wt),
         )
+        w.commit()
         for lst, v in zip((all_t, all_loss, all_mse, all_vb, all_w), (t, loss, mse, vb, wt), strict=True):
             lst.append(v)
         scalars.append(scalar)
@@ -37,3 +38,20 @@ def test_window_means_match_a_float64_recount() -> None:
     assert out["loss_q1"] == pytest.approx(loss[(t >= 2) & (t < 4)].mean())
     assert "loss_q2" not in out and "loss_q3" not in out  # no sample there: left out, not zero
     assert w.micro_batches == 0 and w.reduce()["loss"] == 0.0  # reset after reduce
+
+
+def test_discarded_step_leaves_no_trace_and_extras_are_summed() -> None:
+    w = LossWindow(4, torch.device("cpu"))
+    terms = {k: torch.tensor([1.0, 3.0]) for k in ("loss", "mse", "vb")}
+    w.add(torch.tensor(2.0), terms, torch.tensor([0, 3]), torch.ones(2))
+    w.commit()
+    w.add(
+        torch.tensor(float("nan")), {k: v * float("nan") for k, v in terms.items()}, torch.tensor([1, 2]), torch.ones(2)
+    )
+    w.discard()
+    state = w.state_dict()
+    out = w.reduce(extra={"data/skipped": 5.0})
+    assert out["loss"] == 2.0 and out["mse"] == 2.0 and out["data/skipped"] == 5.0
+    assert "loss_q1" not in out and w.micro_batches == 0
+    w.load_state_dict(state)
+    assert w.micro_batches == 1 and w.reduce()["loss_q3"] == 3.0

@@ -1,0 +1,30 @@
+"""Webdataset streams for training and evaluation.
+
+- :mod:`trainer.data.manifest`: the manifest, shard URLs and per-shard counts.
+- :mod:`trainer.data.reading`: tar iteration, decoding, error accounting (inside loader workers).
+- :mod:`trainer.data.train_stream`: the infinite, resampled, exactly resumable training stream.
+- :mod:`trainer.data.eval_stream`: one exact pass over a split, every sample once across ranks.
+
+Rank and world size are parameters; nothing here reads RANK/WORLD_SIZE from the environment.
+"""
+
+from trainer.data.eval_stream import EvalStream, batch_sizes, build_eval_stream, rank_segments
+from trainer.data.manifest import DatasetInfo, expand_shard_spec, load_manifest
+from trainer.data.reading import DataError, OnError
+from trainer.data.train_stream import TrainStream, WorkerPosition, build_train_stream, stream_seed
+
+__all__ = [
+    "DataError",
+    "DatasetInfo",
+    "EvalStream",
+    "OnError",
+    "TrainStream",
+    "WorkerPosition",
+    "batch_sizes",
+    "build_eval_stream",
+    "build_train_stream",
+    "expand_shard_spec",
+    "load_manifest",
+    "rank_segments",
+    "stream_seed",
+]
