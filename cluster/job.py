@@ -19,11 +19,45 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+
+# MASTER_PORT lies in [20000, 32767]: below Linux's ephemeral range (32768-60999 by default), from which the
+# kernel hands out the local ports of outgoing connections, so a busy first node cannot have taken it.
+MASTER_PORT_RANGE = (20000, 32767)
+
+
+def master_port_for_job(job_id: str) -> int:
+    """The rendezvous port of a job: the same on every task and every requeue, different between jobs.
+
+    Numeric job ids map to consecutive ports, so two jobs whose ids are less than 12768 apart (the ones
+    likely to share a first node at the same time) never collide; other ids (e.g. ``"123_4"``) go through
+    a stable hash (crc32, not Python's salted ``hash``: every task must compute the same port).
+    """
+    low, high = MASTER_PORT_RANGE
+    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return low + number % (high - low + 1)
+
+
+def export_torch_env() -> TorchDistributedEnvironment:
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT from the SLURM (or local) job.
+
+    The master is the first node of the allocation; the port comes from :func:`master_port_for_job`.
+    """
+    # sbatch copies the submitting shell's environment into the job: a MASTER_PORT exported there (say,
+    # from a torchrun session) would be the same for every job. submitit would keep it; we never do.
+    os.environ.pop("MASTER_PORT", None)
+    dist_env = TorchDistributedEnvironment()
+    dist_env.master_port = master_port_for_job(submitit.JobEnvironment().raw_job_id)
+    # CUDA_VISIBLE_DEVICES is left alone: trainer.distributed.select_device picks the GPU from what each task
+    # sees. Every GPU of the node visible (--gpus-per-node): GPU LOCAL_RANK. SLURM binds one GPU per task
+    # (--gpus-per-task=1, --gpu-bind=single:1, per-task cgroups): the task's only GPU, with LOCAL_RANK
+    # exported as 0 for DeepSpeed. Fewer visible GPUs than ranks on the node otherwise: refused in one line.
+    return dist_env.export(set_cuda_visible_devices=False, overwrite=True)
 
 
 @dataclass(frozen=True)
@@ -67,11 +101,7 @@ class TrainJob(Checkpointable):
 
     def __call__(self) -> TaskReport:
         os.environ.setdefault("OMP_NUM_THREADS", str(self.omp_threads))
-        # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the SLURM (or local) job: master is
-        # the first node of the allocation, the port is derived from the job id (stable across requeues).
-        # CUDA_VISIBLE_DEVICES is left alone: the trainer picks cuda:(local_rank % visible GPUs), which is
-        # right both when each task sees all node GPUs and when SLURM binds one GPU per task.
-        dist_env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        dist_env = export_torch_env()
         job_env = submitit.JobEnvironment()
 
         from trainer import distributed, preemption

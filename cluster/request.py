@@ -12,6 +12,7 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,78 @@ def world_size(c: ClusterConfig) -> int:
     return c.nodes * tasks_per_node(c)
 
 
+@dataclass(frozen=True)
+class GpuBinding:
+    """How SLURM hands GPUs to the tasks, from ``cluster.slurm_args`` (``--gpus-per-task``, ``--gpu-bind``).
+
+    The trainer (``trainer.distributed.select_device``) uses GPU LOCAL_RANK when a task sees every GPU of
+    its node and its only GPU when SLURM binds one per task; the two flags choose between those.
+    """
+
+    gpus_per_task: int | None
+    gpu_bind: str | None
+    one_per_task: bool
+    description: str
+
+
+def _bind_kind(bind: str) -> tuple[str, str]:
+    """``"verbose,single:1"`` → ("single", "1"); ``"closest"`` → ("closest", "")."""
+    kind, _, arg = ",".join(p for p in bind.split(",") if p != "verbose").partition(":")
+    return kind, arg
+
+
+def gpu_binding(c: ClusterConfig) -> GpuBinding:
+    """Validate the GPU-binding options of a request and say, in one line, which GPU each rank will use."""
+    extra = check_slurm_args(c.slurm_args)
+    raw_per_task, raw_bind = extra.get("gpus-per-task"), extra.get("gpu-bind")
+    tpn = tasks_per_node(c)
+    if c.gpus_per_node == 0:
+        for key, value in (("gpus-per-task", raw_per_task), ("gpu-bind", raw_bind)):
+            if value is not None:
+                raise RequestError(f"--{key} needs --gpus-per-node (the GPUs of each node, one task per GPU)")
+        return GpuBinding(None, None, False, f"no GPUs: {tpn} task(s)/node on CPU (gloo)")
+    per_task = None
+    if raw_per_task is not None:
+        if str(raw_per_task) != "1":
+            raise RequestError(
+                f"--gpus-per-task {raw_per_task}: the trainer runs one process per GPU (use 1, or leave it out "
+                "to let every task see all GPUs of its node)"
+            )
+        per_task = 1
+    bind = None
+    if raw_bind is not None:
+        if raw_bind is True or not str(raw_bind).strip():
+            raise RequestError("--gpu-bind needs a value, e.g. single:1")
+        bind = str(raw_bind).strip()
+        kind, arg = _bind_kind(bind)
+        if kind == "single" and arg != "1":
+            raise RequestError(
+                f"--gpu-bind {bind}: puts {arg} tasks on each GPU; NCCL needs one GPU per rank (single:1)"
+            )
+        if kind == "per_task" and arg != "1":
+            raise RequestError(
+                f"--gpu-bind {bind}: gives each task {arg} GPUs, the trainer uses one per process (per_task:1)"
+            )
+    flags = " ".join(f"--{k}={v}" for k, v in (("gpus-per-task", per_task), ("gpu-bind", bind)) if v is not None)
+    kind = _bind_kind(bind)[0] if bind is not None else ("per_task" if per_task else "")
+    if kind in ("single", "per_task"):
+        return GpuBinding(
+            per_task, bind, True, f"{tpn} tasks/node, 1 GPU per task ({flags}): each rank uses its only visible GPU"
+        )
+    if kind in ("", "none"):
+        how = f" ({flags})" if flags else ""
+        return GpuBinding(
+            per_task, bind, False, f"all {c.gpus_per_node} GPUs visible to every task{how}: rank uses GPU LOCAL_RANK"
+        )
+    return GpuBinding(
+        per_task,
+        bind,
+        False,
+        f"{tpn} tasks/node, site binding ({flags}): a rank that sees all {c.gpus_per_node} GPUs uses GPU "
+        "LOCAL_RANK, one that sees a single GPU uses it; fewer GPUs than ranks is refused at start",
+    )
+
+
 def mem_string(mem_gb: float) -> str:
     """Per-node memory as sbatch wants it: whole GB as ``16GB``, fractions in MB."""
     return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{round(mem_gb * 1024)}MB"
@@ -150,6 +223,17 @@ def slurm_parameters(c: ClusterConfig, repo_root: Path) -> dict[str, Any]:
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     extra = check_slurm_args(c.slurm_args)
+    binding = gpu_binding(c)
+    if binding.gpus_per_task is not None:
+        # GPUs by task instead of by node (same total): SLURM then binds one GPU to each task. sbatch refuses
+        # --gpus-per-task without a task count (--ntasks), whatever --nodes/--ntasks-per-node say.
+        del extra["gpus-per-task"]
+        del params["gpus_per_node"]
+        params["gpus_per_task"] = binding.gpus_per_task
+        extra["ntasks"] = world_size(c)
+    if binding.gpu_bind is not None:
+        # On srun too: the binding happens when the step starts its tasks (sbatch only forwards it).
+        params["srun_args"].append(f"--gpu-bind={binding.gpu_bind}")
     if extra:
         params["additional_parameters"] = extra
     return params

@@ -40,6 +40,7 @@ from cluster.job import TrainJob
 from cluster.request import (
     RequestError,
     check_partition,
+    gpu_binding,
     parse_slurm_arg,
     parse_time_minutes,
     render_sbatch,
@@ -81,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("resources (default: the config's cluster: section)")
     r.add_argument("--nodes", type=int)
     r.add_argument("--gpus-per-node", type=int, help="one task per GPU")
+    r.add_argument(
+        "--gpus-per-task", type=int, metavar="1",
+        help="request the GPUs per task: SLURM binds one GPU to each task (with --gpus-per-node)",
+    )  # fmt: skip
+    r.add_argument(
+        "--gpu-bind", metavar="TYPE",
+        help="SLURM GPU binding, e.g. single:1 (one GPU per task) or none (every task sees all)",
+    )  # fmt: skip
     r.add_argument("--tasks-per-node", type=int, help="processes per node on CPU-only nodes")
     r.add_argument("--cpus-per-task", type=int)
     r.add_argument("--mem-gb", type=float, help="memory per node")
@@ -125,6 +134,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
         updates["time_min"] = parse_time_minutes(args.time)
     if args.slurm_arg:
         updates["slurm_args"] = {**cluster.slurm_args, **dict(parse_slurm_arg(a) for a in args.slurm_arg)}
+    # The binding flags are sbatch options like --slurm-arg's, kept in cluster.slurm_args (so the resolved
+    # config records them); request.gpu_binding validates them.
+    binding = {k: v for k, v in (("gpus-per-task", args.gpus_per_task), ("gpu-bind", args.gpu_bind)) if v is not None}
+    if binding:
+        updates["slurm_args"] = {**updates.get("slurm_args", cluster.slurm_args), **binding}
     if args.setup:
         updates["setup"] = [*cluster.setup, *args.setup]
     for name, value in updates.items():
@@ -196,6 +210,7 @@ def dry_run(cfg: Config, job: TrainJob, out: TextIO | None = None) -> None:
         f"# trainer.main.main({job.argv()!r})\n"
         "# with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM, "
         f"OMP_NUM_THREADS={job.omp_threads}\n"
+        f"# binding: {gpu_binding(c).description}\n"
         "# ---- resolved config ----\n"
     )
     out.write(dump_config(cfg))

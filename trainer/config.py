@@ -34,9 +34,14 @@ class DataConfig(_Section):
     val_shards: str | None = None
     """Shard URL(s) for evaluation, overriding the manifest (same forms as ``train_shards``)."""
     batch_size: int = Field(64, gt=0)
-    """Per-rank micro-batch size."""
-    num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes per rank (0: decode in the training process)."""
+    """Per-rank micro-batch size; with ``global_batch_size`` set, the largest micro-batch a rank may use."""
+    global_batch_size: int | None = Field(None, gt=0)
+    """Images per optimizer step over all ranks. When set, the per-rank micro-batch and
+    ``train.grad_accum`` are derived from it and the world size, so a preset means the same training on
+    any number of GPUs; a split that is impossible stops with one line."""
+    num_workers: int | None = Field(None, ge=0)
+    """DataLoader worker processes per rank (0: decode in the training process). None: 4 on CUDA
+    (decoding must keep up with a GPU), 0 on CPU (the cores are busy training)."""
     shuffle_buffer: int = Field(1000, ge=0)
     """Samples each worker holds to shuffle across shard boundaries (0 or 1: no shuffle)."""
     random_flip: bool = True
@@ -52,8 +57,8 @@ class DataConfig(_Section):
     ``stream.stats()``) or "raise" (stop with the first problem)."""
     prefetch_factor: int = Field(2, ge=1)
     """Batches each DataLoader worker prepares ahead (only with ``num_workers > 0``)."""
-    pin_memory: bool = False
-    """Page-locked batches for faster, asynchronous host-to-GPU copies (CUDA only)."""
+    pin_memory: bool | None = None
+    """Page-locked batches for faster, asynchronous host-to-GPU copies. None: on for CUDA, off on CPU."""
 
 
 class ModelConfig(_Section):
@@ -147,8 +152,12 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0)
     """Global gradient-norm clip; 0 disables it."""
     ema_rates: list[float] = Field(default_factory=lambda: [0.9999])
-    precision: Literal["bf16", "fp32"] | None = None
-    """None: the DeepSpeed JSON's ``bf16.enabled`` if ``deepspeed_config`` sets it, else bf16."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """"auto": the DeepSpeed JSON's ``bf16.enabled`` if ``deepspeed_config`` sets it, else bf16 where the
+    device computes it natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX) and fp32 elsewhere
+    (emulated bf16 on an AVX2 CPU is ~10x slower than fp32). Resolved once at start and logged."""
+    compile: bool = False
+    """``torch.compile`` the UNet (CUDA: faster steps after a compile of a minute or two)."""
     zero_stage: int | None = Field(None, ge=0, le=3)
     """None: the DeepSpeed JSON's ``zero_optimization.stage`` if set, else 2."""
     seed: int = 0
@@ -167,6 +176,10 @@ class TrainConfig(_Section):
     """A DeepSpeed JSON file merged under the settings derived from this config."""
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     """Extra DeepSpeed config keys, merged last (they win)."""
+    collective_timeout_min: float = Field(30.0, gt=0)
+    """Minutes a collective may wait for its peers before it raises (NCCL and gloo). A dead or stuck rank
+    then ends the job instead of holding the allocation until its time limit. It must exceed the longest
+    legitimate wait at a collective: rank 0 writing or converting a checkpoint, a slow first step."""
 
     @field_validator("ema_rates")
     @classmethod

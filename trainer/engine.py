@@ -18,22 +18,13 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     """The DeepSpeed config: a user JSON (optional) under the values derived from our YAML, under
     ``train.deepspeed`` overrides. Batch size, accumulation, clipping, ZeRO stage and precision come
     from our config so that one file describes the run."""
-    base: dict[str, Any] = {}
-    if cfg.train.deepspeed_config:
-        path = Path(cfg.train.deepspeed_config)
-        try:
-            base = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"train.deepspeed_config: file not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"train.deepspeed_config: {path}: invalid JSON ({err.msg}, line {err.lineno})") from None
-        if "optimizer" in base:
-            # A DeepSpeed "optimizer" block selects FusedAdam and JIT-compiles it; we pass torch AdamW.
-            raise ConfigError(f"train.deepspeed_config: {path}: remove 'optimizer' (set train.lr/weight_decay)")
+    base = read_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else {}
     stage = cfg.train.zero_stage
     if stage is None:
         stage = base.get("zero_optimization", {}).get("stage", 2)
-    bf16 = cfg.train.precision == "bf16" if cfg.train.precision else base.get("bf16", {}).get("enabled", True)
+    # "auto" is resolved against the hardware at start (trainer.runtime); unresolved, the JSON decides.
+    auto = cfg.train.precision == "auto"
+    bf16 = base.get("bf16", {}).get("enabled", True) if auto else cfg.train.precision == "bf16"
     derived = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -46,6 +37,23 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     merged = _merge(_merge(base, derived), cfg.train.deepspeed)
     merged.pop("train_batch_size", None)  # derived by DeepSpeed from micro-batch × accumulation × world
     return merged
+
+
+def read_deepspeed_json(path_text: str) -> dict[str, Any]:
+    """The user's DeepSpeed JSON (``train.deepspeed_config``), with one-line errors."""
+    path = Path(path_text)
+    try:
+        base = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"train.deepspeed_config: file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed_config: {path}: invalid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"train.deepspeed_config: {path}: top level must be an object")
+    if "optimizer" in base:
+        # A DeepSpeed "optimizer" block selects FusedAdam and JIT-compiles it; we pass torch AdamW.
+        raise ConfigError(f"train.deepspeed_config: {path}: remove 'optimizer' (set train.lr/weight_decay)")
+    return base
 
 
 def _merge(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
@@ -104,18 +112,25 @@ class GatedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, gate: StepGate | None = None) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with torch AdamW (no FusedAdam JIT build) and a LambdaLR."""
+    """Wrap ``model`` in a DeepSpeed engine with torch AdamW (no FusedAdam JIT build) and a LambdaLR.
+
+    On CUDA the AdamW is torch's fused kernel (one launch for all tensors instead of a few per tensor);
+    ``train.compile`` compiles the module through DeepSpeed's ``engine.compile``."""
     import deepspeed
 
-    optimizer = gate_optimizer(
-        torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay), gate or StepGate()
+    cuda = next(model.parameters()).is_cuda or torch.cuda.is_available()
+    adamw = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True if cuda else None
     )
+    optimizer = gate_optimizer(adamw, gate or StepGate())
     scheduler = GatedLambdaLR(
         optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.total_steps, cfg.train.lr_schedule)
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
+    if cfg.train.compile:
+        engine.compile()
     return engine
 
 

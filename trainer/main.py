@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from data_prep.manifest import ManifestError
-from trainer import distributed, preemption
+from trainer import distributed, preemption, runtime
 from trainer.checkpoint import EXPORT_NAME, CheckpointError, CheckpointManager, RNGState, export_weights
 from trainer.config import Config, ConfigError, dump_config, load_config
 from trainer.data import DataError, build_train_stream, load_manifest
@@ -178,6 +178,10 @@ class Trainer:
     """Composes the parts of one run; :meth:`fit` is the loop, :meth:`train_step` one optimizer step."""
 
     def __init__(self, cfg: Config, env: distributed.DistEnv) -> None:
+        # Precision, per-rank batch and loader settings depend on the hardware and the world size.
+        cfg, info, warnings = runtime.resolve(cfg, env.device, env.world_size)
+        for line in [*info, *warnings]:
+            _log(env, line)
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.train.output_dir)
         self.manifest = load_manifest(cfg.data.root)  # before anything is written: a bad root leaves nothing
@@ -342,6 +346,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """A checkpoint of the current step (collective). Never one with non-finite weights."""
+        self.sampler.collect()  # the exchange in flight becomes part of the state (collective)
         if not self._weights_finite_everywhere():
             _log(self.env, f"warning: step {self.state.step}: weights not finite, checkpoint NOT written")
             return None
@@ -451,7 +456,10 @@ class Trainer:
             self.sampler.discard_pending()
             self.window.discard()
             return False, stop
-        self.sampler.sync()
+        # The history exchange runs behind the training: this step's pairs are sent now and folded
+        # after the next step, identically on every rank (no wait for them here).
+        self.sampler.finish_sync()
+        self.sampler.start_sync()
         self.ema.update()
         self.window.commit()
         return True, stop
@@ -567,7 +575,7 @@ def run(cfg: Config, resume: str | None) -> int:
     """Train with an initialised distributed environment. Returns the process exit status."""
     if cfg.tracking.enabled:
         validate_uri(resolve_uri(cfg.tracking.uri))  # a bad URI stops here, before anything is written
-    env = distributed.init_distributed()
+    env = distributed.init_distributed(cfg.train.collective_timeout_min)
     preemption.install()
     trainer: Trainer | None = None
     status = "FAILED"

@@ -116,6 +116,16 @@ class TimestepSampler:
     def discard_pending(self) -> None:
         """Drop the pairs queued since the last sync (a skipped step). The uniform sampler has none."""
 
+    def start_sync(self) -> None:
+        """Start exchanging the queued pairs without waiting (see :meth:`LossSecondMomentSampler.start_sync`)."""
+
+    def collect(self) -> None:
+        """Wait for an exchange in flight and keep its pairs, not yet folded."""
+
+    def finish_sync(self) -> int:
+        """Fold everything exchanged so far; returns how many pairs."""
+        return 0
+
     def history_stats(self) -> dict[str, np.ndarray] | None:
         """Per-t ``count``, ``mean`` and ``rms`` of the history (NaN where empty); None without a history."""
         return None
@@ -170,6 +180,9 @@ class LossSecondMomentSampler(TimestepSampler):
         # Rows per rank the exchange sends without a second round; it follows the gathered counts,
         # so it is the same on every rank as long as all ranks construct, load and sync together.
         self._capacity = 0
+        self._inflight: _Exchange | None = None
+        self._gathered: list[np.ndarray] = []
+        """Pairs exchanged but not folded yet, in exchange order (identical on every rank)."""
 
     # ------------------------------------------------------------------ distribution
     @property
@@ -214,16 +227,43 @@ class LossSecondMomentSampler(TimestepSampler):
 
     def sync(self) -> int:
         """All-gather every rank's queued pairs and fold them in rank-major order. Call on every rank."""
+        self.start_sync()
+        return self.finish_sync()
+
+    def start_sync(self) -> None:
+        """Start the all-gather of the queued pairs and return at once (no host sync). The trainer starts
+        a step's exchange after the step and finishes it after the next one, so the GPU is never drained
+        for it; every rank folds the same pairs at the same point, so histories stay bit-identical (t is
+        then drawn from a history one step older, identically on every rank). Call on every rank."""
+        if self._inflight is not None:
+            self.collect()
         local = (
             torch.cat(self._pending) if self._pending else torch.zeros((0, 2), dtype=torch.float64, device=self.device)
         )
         self._pending = []
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            pairs, self._capacity = _all_gather_rows(local, self.process_group, self._capacity)
-        else:
-            pairs = local.cpu().numpy()
+            self._inflight = _Exchange(local, self.process_group, self._capacity)
+        elif len(local):
+            self._gathered.append(local.cpu().numpy())
+
+    def collect(self) -> None:
+        """Wait for the exchange in flight and keep its pairs (not folded: folding stays where it would
+        have been, so a checkpoint written here changes nothing). Collective when one is in flight."""
+        if self._inflight is None:
+            return
+        pairs, self._capacity = self._inflight.result()
+        self._inflight = None
         if len(pairs):
-            self._fold(pairs)
+            self._gathered.append(pairs)
+
+    def finish_sync(self) -> int:
+        """Fold every pair exchanged so far, in the order exchanged; returns how many."""
+        self.collect()
+        if not self._gathered:
+            return 0
+        pairs = np.concatenate(self._gathered)
+        self._gathered = []
+        self._fold(pairs)
         return len(pairs)
 
     def discard_pending(self) -> None:
@@ -274,16 +314,18 @@ class LossSecondMomentSampler(TimestepSampler):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """The global history (identical on all ranks; save it from any one). Call after :meth:`sync`."""
-        if self._pending:
+        if self._pending or self._inflight is not None:
             raise RuntimeError(
-                f"timestep sampler: {self.pending} recorded pairs not yet synced; call sync() before state_dict()"
+                "timestep sampler: recorded pairs not yet exchanged; call sync() or collect() before state_dict()"
             )
+        gathered = np.concatenate(self._gathered) if self._gathered else np.zeros((0, 2))
         return {
             **super().state_dict(),
             "history_per_term": self.history_per_term,
             "history": torch.from_numpy(self._history.copy()),
             "writes": torch.from_numpy(self._writes.copy()),
             "dropped_nonfinite": self.dropped_nonfinite,
+            "exchanged_unfolded": torch.from_numpy(gathered.astype(np.float64)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -306,6 +348,9 @@ class LossSecondMomentSampler(TimestepSampler):
         self._pending = []
         self._probs = None
         self._capacity = 0
+        self._inflight = None
+        unfolded = torch.as_tensor(state.get("exchanged_unfolded", torch.zeros((0, 2))), dtype=torch.float64)
+        self._gathered = [unfolded.cpu().numpy().reshape(-1, 2)] if unfolded.numel() else []
 
 
 def _check_pairs(t: torch.Tensor, losses: torch.Tensor) -> None:
@@ -327,6 +372,44 @@ def _expect(state: dict[str, Any], key: str, value: Any) -> None:
         raise ValueError(f"timestep sampler state: '{key}' is {state[key]!r}, this sampler has {value!r}")
 
 
+class _Exchange:
+    """An all-gather of [n_r, 2] rows in flight (see :func:`_all_gather_rows` for the protocol)."""
+
+    def __init__(self, local: torch.Tensor, group: dist.ProcessGroup | None, capacity: int) -> None:
+        self.local, self.group, self.capacity = local, group, capacity
+        world = dist.get_world_size(group)
+        n = local.shape[0]
+        send = torch.zeros((capacity + 1, 2), dtype=torch.float64, device=local.device)
+        send[0, 0] = n
+        send[1 : 1 + min(n, capacity)] = local[:capacity]
+        self.parts = [torch.empty_like(send) for _ in range(world)]
+        self.work = dist.all_gather(self.parts, send, group=group, async_op=True)
+
+    def result(self) -> tuple[np.ndarray, int]:
+        """Every rank's rows in rank order, and the capacity for the next exchange. Collective only
+        when some rank outgrew the capacity (a second, blocking round)."""
+        self.work.wait()
+        world, capacity, local = len(self.parts), self.capacity, self.local
+        first = torch.stack(self.parts).cpu().numpy()  # one device-to-host copy
+        counts = first[:, 0, 0].astype(np.int64)
+        longest = int(counts.max())
+        rest = None
+        if longest > capacity:
+            n = local.shape[0]
+            extra = torch.zeros((longest - capacity, 2), dtype=torch.float64, device=local.device)
+            extra[: max(n - capacity, 0)] = local[capacity:]
+            parts = [torch.empty_like(extra) for _ in range(world)]
+            dist.all_gather(parts, extra, group=self.group)
+            rest = torch.stack(parts).cpu().numpy()
+        rows = []
+        for r, count in enumerate(counts.tolist()):
+            rows.append(first[r, 1 : 1 + min(count, capacity)])
+            if rest is not None and count > capacity:
+                rows.append(rest[r, : count - capacity])
+        next_capacity = 1 << (longest - 1).bit_length() if longest > 0 else capacity
+        return np.concatenate(rows), next_capacity
+
+
 def _all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None, capacity: int) -> tuple[np.ndarray, int]:
     """Concatenate every rank's [n_r, 2] rows in rank order (n_r may differ), as a host float64 array.
 
@@ -336,30 +419,7 @@ def _all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None, capac
     held this call's largest count. Every rank derives it from the same gathered counts, so the
     buffers of later calls agree in size on all ranks (which a collective requires).
     """
-    world = dist.get_world_size(group)
-    n = local.shape[0]
-    send = torch.zeros((capacity + 1, 2), dtype=torch.float64, device=local.device)
-    send[0, 0] = n
-    send[1 : 1 + min(n, capacity)] = local[:capacity]
-    parts = [torch.empty_like(send) for _ in range(world)]
-    dist.all_gather(parts, send, group=group)
-    first = torch.stack(parts).cpu().numpy()  # one device-to-host copy
-    counts = first[:, 0, 0].astype(np.int64)
-    longest = int(counts.max())
-    rest = None
-    if longest > capacity:
-        extra = torch.zeros((longest - capacity, 2), dtype=torch.float64, device=local.device)
-        extra[: max(n - capacity, 0)] = local[capacity:]
-        parts = [torch.empty_like(extra) for _ in range(world)]
-        dist.all_gather(parts, extra, group=group)
-        rest = torch.stack(parts).cpu().numpy()
-    rows = []
-    for r, count in enumerate(counts.tolist()):
-        rows.append(first[r, 1 : 1 + min(count, capacity)])
-        if rest is not None and count > capacity:
-            rows.append(rest[r, : count - capacity])
-    next_capacity = 1 << (longest - 1).bit_length() if longest > 0 else capacity
-    return np.concatenate(rows), next_capacity
+    return _Exchange(local, group, capacity).result()
 
 
 # --------------------------------------------------------------------------- construction

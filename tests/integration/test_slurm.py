@@ -15,7 +15,6 @@ import pytest
 import submitit
 
 from cluster import monitor
-from cluster.dev.harness import LocalCluster
 from tests.conftest import run_cmd
 from tests.integration.slurm_helpers import (
     SUBMIT,
@@ -27,6 +26,7 @@ from tests.integration.slurm_helpers import (
     read,
     wait_until,
 )
+from tests.slurm_harness import LocalCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import threading
@@ -15,7 +16,7 @@ import submitit
 import yaml
 
 from cluster import monitor, status, submit
-from cluster.job import TrainJob
+from cluster.job import MASTER_PORT_RANGE, TrainJob, export_torch_env, master_port_for_job
 from cluster.request import (
     RequestError,
     mem_string,
@@ -121,6 +122,7 @@ def test_dry_run_gpu_request_has_the_right_sbatch_lines(
     assert f"export PYTHONPATH={REPO}" in out
     # The per-task call and the resolved config (overrides applied, CLI values in the cluster section).
     assert "--resume', 'auto', " in out and "'train.total_steps=7'" in out
+    assert "# binding: all 8 GPUs visible to every task: rank uses GPU LOCAL_RANK\n" in out
     resolved = yaml.safe_load(out.split("# ---- resolved config ----\n", 1)[1])
     assert resolved["train"]["total_steps"] == 7
     assert resolved["cluster"]["nodes"] == 4 and resolved["cluster"]["gpus_per_node"] == 8
@@ -173,6 +175,131 @@ def test_dry_run_script_is_the_script_submitit_writes(monkeypatch: pytest.Monkey
     assert render_sbatch(params, folder) == submitted
 
 
+@pytest.mark.parametrize(
+    ("flags", "sbatch", "srun_bind", "binding"),
+    [
+        (
+            ["--gpus-per-task", "1"],
+            {"gpus-per-task": "1", "ntasks": "16", "ntasks-per-node": "8"},
+            None,
+            "8 tasks/node, 1 GPU per task (--gpus-per-task=1): each rank uses its only visible GPU",
+        ),
+        (
+            ["--gpu-bind", "single:1"],
+            {"gpu-bind": "single:1", "gpus-per-node": "8", "ntasks-per-node": "8"},
+            "--gpu-bind=single:1",
+            "8 tasks/node, 1 GPU per task (--gpu-bind=single:1): each rank uses its only visible GPU",
+        ),
+        (
+            ["--gpus-per-task", "1", "--gpu-bind", "single:1"],
+            {"gpus-per-task": "1", "gpu-bind": "single:1", "ntasks": "16"},
+            "--gpu-bind=single:1",
+            "8 tasks/node, 1 GPU per task (--gpus-per-task=1 --gpu-bind=single:1): each rank uses its only visible GPU",
+        ),
+        (
+            ["--gpus-per-task", "1", "--gpu-bind", "none"],
+            {"gpus-per-task": "1", "gpu-bind": "none"},
+            "--gpu-bind=none",
+            "all 8 GPUs visible to every task (--gpus-per-task=1 --gpu-bind=none): rank uses GPU LOCAL_RANK",
+        ),
+        (
+            ["--gpu-bind", "closest"],
+            {"gpu-bind": "closest", "gpus-per-node": "8"},
+            "--gpu-bind=closest",
+            "8 tasks/node, site binding (--gpu-bind=closest): a rank that sees all 8 GPUs uses GPU LOCAL_RANK, "
+            "one that sees a single GPU uses it; fewer GPUs than ranks is refused at start",
+        ),
+    ],
+)
+def test_dry_run_gpu_binding_flags(
+    flags: list[str],
+    sbatch: dict[str, str],
+    srun_bind: str | None,
+    binding: str,
+    partitions: list[str],
+    data_root: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run_main(
+        [
+            "--config",
+            str(QUICKSTART),
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            *flags,
+            "--dry-run",
+            f"data.root={data_root}",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    lines = sbatch_lines(out)
+    for key, value in sbatch.items():
+        assert lines.get(key) == value, (key, lines.get(key))
+    if "--gpus-per-task" in flags:
+        # GPUs by task replace GPUs by node (same total); sbatch wants a task count with --gpus-per-task.
+        assert "gpus-per-node" not in lines
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert (srun_bind in srun) if srun_bind else ("--gpu-bind" not in srun)
+    assert f"# binding: {binding}\n" in out
+    # The flags are recorded in the resolved config (cluster.slurm_args), so a rerun from it binds the same.
+    resolved = yaml.safe_load(out.split("# ---- resolved config ----\n", 1)[1])
+    given = dict(zip(flags[::2], flags[1::2], strict=True))
+    expected = {"gpus-per-task": 1} if "--gpus-per-task" in given else {}
+    if "--gpu-bind" in given:
+        expected["gpu-bind"] = given["--gpu-bind"]
+    assert resolved["cluster"]["slurm_args"] == expected
+
+
+def test_dry_run_binding_line_on_cpu(
+    partitions: list[str], data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(
+        ["--config", str(QUICKSTART), "--tasks-per-node", "2", "--dry-run", f"data.root={data_root}"], capsys
+    )
+    assert code == 0, err
+    assert "# binding: no GPUs: 2 task(s)/node on CPU (gloo)\n" in out
+
+
+def test_binding_from_yaml_slurm_args(
+    tmp_path: Path, partitions: list[str], data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(QUICKSTART),
+                "data": {"root": str(data_root)},
+                "cluster": {"gpus_per_node": 4, "slurm_args": {"gpus_per_task": 1}},
+            }
+        )
+    )
+    code, out, err = run_main(["--config", str(cfg), "--dry-run"], capsys)
+    assert code == 0, err
+    lines = sbatch_lines(out)
+    assert lines["gpus-per-task"] == "1" and lines["ntasks"] == "4" and "gpus-per-node" not in lines
+    assert "# binding: 4 tasks/node, 1 GPU per task (--gpus-per-task=1)" in out
+
+
+def test_dry_run_script_with_gpu_binding_is_the_script_submitit_writes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """submitit takes gpus_per_task as its own parameter and --gpu-bind/--ntasks as additional ones."""
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    c = ClusterConfig(nodes=2, gpus_per_node=4, slurm_args={"gpus-per-task": 1, "gpu-bind": "single:1"})
+    params = slurm_parameters(c, REPO)
+    assert params["gpus_per_task"] == 1 and "gpus_per_node" not in params
+    assert params["additional_parameters"] == {"gpu-bind": "single:1", "ntasks": 8}
+    folder = tmp_path / "%j"
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**params)
+    submitted = executor._make_submission_file_text(executor._submitit_command_str, "uid")
+    assert render_sbatch(params, folder) == submitted
+    assert "#SBATCH --gpus-per-task=1\n" in submitted and "--gpu-bind=single:1 " in submitted
+
+
 # ------------------------------------------------------------------------------ refusals
 
 
@@ -193,6 +320,11 @@ def test_dry_run_script_is_the_script_submitit_writes(monkeypatch: pytest.Monkey
         (["model.nonsense=1"], "model.nonsense: unknown key"),
         (["--local", "--nodes", "2"], "--local runs on this machine only"),
         (["--resume", "/no/such/ckpt"], "--resume /no/such/ckpt: no such checkpoint"),
+        (["--gpus-per-node", "8", "--gpus-per-task", "2"], "--gpus-per-task 2: the trainer runs one process per GPU"),
+        (["--gpus-per-node", "8", "--gpu-bind", "single:2"], "--gpu-bind single:2: puts 2 tasks on each GPU"),
+        (["--gpus-per-node", "8", "--gpu-bind", "per_task:2"], "--gpu-bind per_task:2: gives each task 2 GPUs"),
+        (["--gpus-per-task", "1"], "--gpus-per-task needs --gpus-per-node"),
+        (["--tasks-per-node", "2", "--gpu-bind", "single:1"], "--gpu-bind needs --gpus-per-node"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_submitting(
@@ -241,6 +373,39 @@ def test_checkpoint_resubmits_the_same_job_resuming_auto() -> None:
     blob = cloudpickle.dumps(delayed)
     assert b"cluster.job" in blob
     assert pickle.loads(blob).function == delayed.function
+
+
+def test_master_port_is_a_pure_function_of_the_job_id_outside_the_ephemeral_range() -> None:
+    low, high = MASTER_PORT_RANGE
+    assert (low, high) == (20000, 32767)  # Linux's ephemeral range starts at 32768
+    ids = [str(i) for i in (1, 2, 99, 12767, 12768, 41_000_123, 2**40)] + ["123_4", "123_5", "abc"]
+    ports = [master_port_for_job(i) for i in ids]
+    assert all(low <= p <= high for p in ports)
+    assert ports == [master_port_for_job(i) for i in ids], "same id, same port (every task, every requeue)"
+    # Ids that are close (jobs that may share a first node) never collide; the range wraps after 12768.
+    consecutive = {master_port_for_job(str(i)) for i in range(5000, 5000 + 12768)}
+    assert len(consecutive) == 12768
+    assert master_port_for_job("1") == 20001 and master_port_for_job("12769") == 20001
+    assert master_port_for_job("123_4") != master_port_for_job("123_5")
+
+
+def test_exported_master_port_ignores_one_inherited_from_the_submitting_shell(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slurm_env = {
+        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[1-2]",
+        "MASTER_PORT": "29500",  # sbatch copied it from the shell that submitted
+    }  # fmt: skip
+    for key, value in slurm_env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    dist_env = export_torch_env()
+    port = master_port_for_job("4242")
+    assert dist_env.master_port == port and os.environ["MASTER_PORT"] == str(port) != "29500"
+    assert (os.environ["MASTER_ADDR"], os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("node1", "3", "4")
+    assert (os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]) == ("1", "2")
 
 
 # ------------------------------------------------------------------------------ monitoring

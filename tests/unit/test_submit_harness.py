@@ -1,15 +1,19 @@
-"""The local-SLURM harness without starting daemons: its configuration and what ``stop`` may signal."""
+"""The local-SLURM harness without starting daemons: its configuration, what ``stop`` may signal, when
+``make test`` may change the machine, and that the harness stays out of the installed packages."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+import setuptools
 
-from cluster.dev import harness
-from cluster.dev.harness import HarnessError, LocalCluster
+from tests import slurm_harness as harness
+from tests.conftest import REPO
+from tests.slurm_harness import HarnessError, LocalCluster
 
 
 def conf_dict(text: str) -> dict[str, list[str]]:
@@ -56,11 +60,90 @@ class _Broken(LocalCluster):
         raise HarnessError("slurmctld did not listen on port 1")
 
 
-def test_ensure_is_fatal_only_when_required(
+def test_ensure_fails_loudly_when_the_cluster_cannot_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(harness, "installed", lambda: True)
-    assert harness.ensure(_Broken(state_dir=tmp_path), required=False) == 0
-    assert "note: local SLURM cluster unavailable: slurmctld did not listen" in capsys.readouterr().err
-    assert harness.ensure(_Broken(state_dir=tmp_path), required=True) == 1
-    assert "error: local SLURM cluster unavailable" in capsys.readouterr().err
+    assert harness.ensure(_Broken(state_dir=tmp_path)) == 1
+    assert "error: local SLURM cluster unavailable: slurmctld did not listen" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, False),
+        ({"CI": ""}, False),
+        ({"CI": "false"}, False),
+        ({"CI": "0"}, False),
+        ({"CI": "true"}, True),
+        ({"CI": "TRUE"}, True),
+        ({"CI": "1"}, True),
+        ({"CI": "yes"}, True),
+    ],
+)
+def test_only_ci_may_change_the_machine(env: dict[str, str], expected: bool) -> None:
+    assert harness.should_prepare(env) is expected
+
+
+def test_what_blocks_a_cluster_that_needs_no_changes() -> None:
+    assert harness.blocker_without_changes(is_installed=True, nodes_resolve=True, is_root=True) is None
+    assert harness.blocker_without_changes(is_installed=False, nodes_resolve=True, is_root=True) == (
+        "SLURM is not installed"
+    )
+    assert "do not resolve" in str(
+        harness.blocker_without_changes(is_installed=True, nodes_resolve=False, is_root=True)
+    )
+    assert "root" in str(harness.blocker_without_changes(is_installed=True, nodes_resolve=True, is_root=False))
+
+
+def test_ensure_if_ci_leaves_the_machine_alone_outside_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(harness, "install", lambda: calls.append("install"))
+    monkeypatch.setattr(LocalCluster, "start", lambda self, **_: calls.append("start"))
+    monkeypatch.delenv("CI", raising=False)
+    assert harness.main(["ensure", "--if-ci"]) == 0
+    assert calls == []
+    monkeypatch.setenv("CI", "true")
+    assert harness.main(["ensure", "--if-ci"]) == 0
+    assert calls == ["install", "start"]
+
+
+def test_start_without_system_changes_writes_nothing_outside_its_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Refuse before any daemon starts: the binaries "exist", the node names do not resolve.
+    monkeypatch.setattr(harness.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(harness.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(harness, "unresolved_nodes", lambda: list(harness.NODES))
+    monkeypatch.setattr(harness, "ensure_hosts", lambda *a: pytest.fail("edited /etc/hosts"))
+    monkeypatch.setattr(harness, "link_system_conf", lambda *a: pytest.fail("linked /etc/slurm/slurm.conf"))
+    with pytest.raises(HarnessError, match="do not resolve"):
+        LocalCluster(state_dir=tmp_path).start(change_system=False)
+
+
+def test_the_installed_packages_do_not_ship_the_harness() -> None:
+    assert not (REPO / "cluster" / "dev").exists(), "the SLURM test harness moved to tests/slurm_harness.py"
+    product = [p for pkg in ("trainer", "data_prep", "cluster") for p in sorted((REPO / pkg).rglob("*.py"))]
+    assert product
+    offenders = []
+    for path in product:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] == "tests" or "harness" in n
+            ]
+    assert not offenders, offenders
+
+
+def test_package_discovery_leaves_the_tests_out() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    # setuptools' pyproject discovery is namespace-aware by default, so any leftover folder would count.
+    finder = setuptools.find_namespace_packages if find.get("namespaces", True) else setuptools.find_packages
+    packages = finder(where=str(REPO), include=find["include"], exclude=find.get("exclude", ()))
+    assert "cluster" in packages
+    assert not [p for p in packages if p.split(".")[0] == "tests" or p.startswith("cluster.dev")], packages

@@ -136,12 +136,6 @@ def worker_info() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def stream_seed(seed: int, rank: int, worker: int, num_workers: int, start_step: int) -> int:
-    """One 64-bit seed per (seed, rank, worker, num_workers, start_step)."""
-    entropy = [seed % 2**63, rank, worker, num_workers, start_step % 2**63]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
-
-
 class Stats:
     def __init__(self) -> None:
         self.samples = 0
@@ -178,13 +172,13 @@ class Stats:
 def make_loader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
     """A DataLoader over a self-batching dataset. Its own seeded generator: building the iterator draws
     a base seed, and drawing it from the global RNG would shift the training noise after a resume."""
-    workers = cfg.num_workers
+    workers = cfg.num_workers or 0  # None (not resolved for a device): decode in this process
     return DataLoader(
         dataset,
         batch_size=None,  # the dataset batches itself
         num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
-        pin_memory=cfg.pin_memory,
+        pin_memory=bool(cfg.pin_memory),
         generator=torch.Generator().manual_seed(0),
     )
 

@@ -227,7 +227,7 @@ class TrainStream:
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
         if self._it is None:
-            workers = max(1, self._cfg.num_workers)
+            workers = max(1, self._cfg.num_workers or 0)
             self._dataset.origin = self.origin
             self._dataset.shift = self.consumed % workers
             self._dataset.positions = dict(self.positions)
@@ -248,7 +248,7 @@ class TrainStream:
         d, cfg = self._dataset, self._cfg
         return {
             "world_size": d.world_size,
-            "num_workers": cfg.num_workers,
+            "num_workers": cfg.num_workers or 0,
             "batch_size": cfg.batch_size,
             "seed": d.seed,
             "shuffle_buffer": cfg.shuffle_buffer,

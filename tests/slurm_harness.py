@@ -1,10 +1,17 @@
 """Start and stop a four-node SLURM 22.05 cluster (with accounting) on this one machine.
 
-    python -m cluster.dev.harness install   # apt packages (idempotent, needs root)
-    python -m cluster.dev.harness start     # idempotent; prints the SLURM_CONF to export
-    python -m cluster.dev.harness status    # exit 0 when every daemon runs and 4 nodes answer
-    python -m cluster.dev.harness stop      # stops exactly the daemons this harness started
-    python -m cluster.dev.harness ensure    # install + start; a failure is fatal only when CI=true
+Test tooling, not part of the product (it lives under tests/, outside the installed packages).
+
+    python -m tests.slurm_harness install          # apt packages (idempotent, needs root)
+    python -m tests.slurm_harness start            # idempotent; prints the SLURM_CONF to export
+    python -m tests.slurm_harness status           # exit 0 when every daemon runs and 4 nodes answer
+    python -m tests.slurm_harness stop             # stops exactly the daemons this harness started
+    python -m tests.slurm_harness ensure           # install + /etc/hosts + start (`make slurm-dev`)
+    python -m tests.slurm_harness ensure --if-ci   # the same only when CI=true, else nothing (`make test`)
+
+Only CI (``CI=true``) or an explicit ``make slurm-dev`` may change the machine (apt, /etc/hosts,
+/etc/slurm/slurm.conf). Elsewhere the SLURM tests start an already installed cluster without touching
+the system, or skip with one line saying how to get one (``tests/integration/conftest.py``).
 
 Layout: MariaDB (private port and data dir) ← slurmdbd ← slurmctld ← slurmd × 4. Accounting is not
 optional: submitit polls job state with ``sacct``; without it a job's state stays UNKNOWN and waiting
@@ -15,7 +22,8 @@ on a cancelled job hangs. The four "nodes" are slurmd daemons on 127.0.0.1 with 
 so ``stop`` signals exactly those processes and nothing else.
 
 Client commands (sbatch, sacct, squeue) find the cluster through ``SLURM_CONF``; ``start`` also links
-/etc/slurm/slurm.conf to it when that file is absent (or already our link), so plain commands work.
+/etc/slurm/slurm.conf to it when that file is absent (or already our link), so plain commands work
+(not with ``change_system=False``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,16 +289,24 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout_s: float = 90.0) -> None:
-        """Bring every daemon up (those already running are left alone) and wait for 4 idle nodes."""
+    def start(self, timeout_s: float = 90.0, change_system: bool = True) -> None:
+        """Bring every daemon up (those already running are left alone) and wait for 4 idle nodes.
+
+        With ``change_system=False`` nothing outside the state directory is written: node names must
+        already resolve, and clients find the cluster through ``SLURM_CONF`` only.
+        """
         missing = [b for b in BINARIES if shutil.which(b) is None]
         if missing:
             raise HarnessError(f"SLURM not installed (missing {', '.join(missing)}): run `{_self_cmd('install')}`")
         if os.geteuid() != 0:
             raise HarnessError("the local SLURM cluster runs its daemons as root: run as root")
-        ensure_hosts()
+        if change_system:
+            ensure_hosts()
+        elif unresolved_nodes():
+            raise HarnessError(f"{', '.join(unresolved_nodes())} do not resolve (add them to {HOSTS_FILE})")
         self.write_configs()
-        link_system_conf(self.conf)
+        if change_system:
+            link_system_conf(self.conf)
         deadline = time.monotonic() + timeout_s
         up = self.running()
         argv = self.daemons()
@@ -420,15 +437,20 @@ def install() -> None:
     _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], "apt-get install", env=env)
 
 
-def ensure_hosts(hosts_file: Path = HOSTS_FILE) -> None:
-    """Make node1..node4 resolve to 127.0.0.1 (submitit uses the first node name as MASTER_ADDR)."""
+def unresolved_nodes() -> list[str]:
+    """Node names that do not resolve here (each must, as submitit uses the first as MASTER_ADDR)."""
     unresolved = []
     for node in NODES:
         try:
             socket.gethostbyname(node)
         except OSError:
             unresolved.append(node)
-    if unresolved:
+    return unresolved
+
+
+def ensure_hosts(hosts_file: Path = HOSTS_FILE) -> None:
+    """Make node1..node4 resolve to 127.0.0.1 (submitit uses the first node name as MASTER_ADDR)."""
+    if unresolved_nodes():
         with hosts_file.open("a") as f:
             f.write(f"127.0.0.1 {' '.join(NODES)} {HOSTS_MARK}\n")
 
@@ -446,20 +468,37 @@ def link_system_conf(conf: Path, system_conf: Path = SYSTEM_CONF) -> None:
     system_conf.symlink_to(conf)
 
 
-def ensure(cluster: LocalCluster, required: bool) -> int:
-    """Install (when root) and start the cluster for ``make test``.
+SETUP_HINT = "run `make slurm-dev` (installs SLURM + MariaDB with apt, edits /etc/hosts; root) then `make test`"
 
-    Where that is impossible (no root, no apt mirror) the SLURM tests skip themselves, so this only
-    warns; with ``required`` (CI) it is an error, and the tests fail instead of skipping.
+
+def should_prepare(env: Mapping[str, str]) -> bool:
+    """Whether ``make test`` may change this machine (apt, /etc/hosts) to get a cluster: only under CI.
+
+    CI sets ``CI=true``; there the SLURM tests must run, so a cluster that cannot start fails them.
     """
+    return env.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def blocker_without_changes(*, is_installed: bool, nodes_resolve: bool, is_root: bool) -> str | None:
+    """Why the cluster cannot start without changing this machine, or None when it can."""
+    if not is_installed:
+        return "SLURM is not installed"
+    if not nodes_resolve:
+        return f"{', '.join(NODES)} do not resolve"
+    if not is_root:
+        return "the local SLURM cluster runs its daemons as root"
+    return None
+
+
+def ensure(cluster: LocalCluster) -> int:
+    """Install (apt) when needed, make the node names resolve, and start the cluster; exit status."""
     t0 = time.monotonic()
     try:
-        if not installed() and (os.geteuid() == 0 or required):
-            install()
+        install()
         cluster.start()
     except HarnessError as err:
-        print(f"{'error' if required else 'note'}: local SLURM cluster unavailable: {err}", file=sys.stderr)
-        return 1 if required else 0
+        print(f"error: local SLURM cluster unavailable: {err}", file=sys.stderr)
+        return 1
     print(f"local SLURM cluster up ({time.monotonic() - t0:.1f} s); SLURM_CONF={cluster.conf}")
     return 0
 
@@ -483,18 +522,24 @@ def _wait_port(port: int, deadline: float, name: str, log: Path) -> None:
 
 
 def _self_cmd(verb: str) -> str:
-    return f"python -m cluster.dev.harness {verb}"
+    return f"python -m tests.slurm_harness {verb}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.dev.harness", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.slurm_harness", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["install", "start", "stop", "status", "env", "ensure"])
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    parser.add_argument(
+        "--if-ci", action="store_true", help="ensure: do nothing unless CI=true (the SLURM tests then skip)"
+    )
     args = parser.parse_args(argv)
     cluster = LocalCluster(state_dir=args.state_dir)
     try:
         if args.command == "ensure":
-            return ensure(cluster, required=os.environ.get("CI", "").lower() in ("1", "true", "yes"))
+            # Outside CI `make test` leaves the machine alone; the test run prints how to get a cluster.
+            if args.if_ci and not should_prepare(os.environ):
+                return 0
+            return ensure(cluster)
         if args.command == "install":
             install()
             print("SLURM packages installed")

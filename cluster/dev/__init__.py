@@ -1,1 +1,0 @@
-"""A throw-away SLURM cluster on this machine, for tests and for trying ``cluster/submit.py``."""
