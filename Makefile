@@ -30,7 +30,7 @@ shards: setup
 train-quickstart: shards
 	rm -rf runs/quickstart
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $$($(PY) -c 'from trainer.distributed import free_port; print(free_port())') \
-		trainer/main.py --config configs/quickstart.yaml --resume none
+		trainer/main.py --config configs/quickstart.yaml --resume none $(QS_ARGS)
 
 quickstart: train-quickstart
 	@echo
@@ -54,6 +54,16 @@ lint: setup
 # Benchmarks write bench/results/*.json and *.md; run them on an otherwise idle machine.
 bench: setup
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The GPU check (bench/gpu_check.sh) runs on a GPU machine without network from a copy of the repo:
+# `make gpu-wheels` puts the wheels it lacks (DeepSpeed, webdataset, pydantic, ...) in .whl/ beforehand.
+.PHONY: gpu-wheels gpu-check
+gpu-wheels: setup
+	$(PY) bench/gpu_wheels.py --dest .whl
+
+# Exits 2 at once without a visible GPU. Uses the machine's own python3 and torch, not the venv.
+gpu-check:
+	PYTHON="$(PYTHON)" bash bench/gpu_check.sh
 
 clean:
 	rm -rf runs data mlruns mlflow.db .pytest_cache

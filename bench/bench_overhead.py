@@ -1,24 +1,32 @@
 """Overhead of the full training stack over a bare PyTorch loop, one process, CPU, fp32.
 
-Variants (each run in its own process, so no thread, allocator or tracker of one run disturbs another):
+Variants:
 
 - ``trainer``: the real :class:`trainer.main.Trainer`: DeepSpeed engine (ZeRO-0, fp32), the webdataset
   train stream (PNG decode in the training process, ``num_workers: 0`` as in the quickstart), EMA, the
   non-finite guard, importance sampling (``loss-second-moment`` with a pre-filled history, so p_t is
   non-uniform and every step folds new losses), the hybrid loss, and MLflow tracking to a sqlite store
   in a temp dir. Each step is what ``Trainer.fit`` does per kept step: ``train_step()`` then
-  ``_after_step()`` (metrics every ``train.log_every`` steps; checkpoints, grids and plots are set
-  beyond the run).
+  ``_after_step()`` (metrics every ``LOG_EVERY`` steps; checkpoints, grids and plots set beyond the run).
 - ``bare``: the same UNet (same seed), the same loss (``create_diffusion(...).training_losses``), torch
   AdamW and the same gradient clipping, on the same batches pre-decoded into memory (t uniform).
-- ``bare-stream``: ``bare`` drawing each batch from the same train stream instead (decode included).
+- ``bare-stream``: ``bare`` drawing each batch from its own copy of the train stream (decode included).
+- ``trainer-notrack`` (``--mode isolated`` only): ``trainer`` with tracking disabled.
 
-Runs are interleaved (bare, bare-stream, trainer, bare, ...) for ``--rounds`` rounds per thread count;
-warm-up steps and process start-up are excluded. The ratio is trainer steps/s over bare steps/s.
+Modes:
 
-    python bench/bench_overhead.py                      # 1 and 2 threads, 3 rounds
-    python bench/bench_overhead.py --threads 1 --rounds 5 --steps 60
-    python bench/bench_overhead.py --profile            # cProfile one trainer run (ms/step per function)
+- ``inproc`` (default): all variants live in one process per thread count and take turns, ``--steps``
+  steps each per round (the order rotating every round), for ``--rounds`` rounds; a variant's speed in a
+  round is 1 / its median step time. On a shared 2-core machine bursts from other processes hit whole
+  runs; fine-grained turns and medians see through them (process-level state was checked to make no
+  difference: a bare loop runs as fast next to a built Trainer as alone).
+- ``isolated``: each (variant, round) in its own process, interleaved; speed = steps / wall time.
+
+Warm-up steps and start-up are excluded. The ratio is trainer steps/s over bare steps/s. ``--profile``
+adds a cProfile of bare and trainer steps (same process) and the trainer's own parts timed alone.
+
+    python bench/bench_overhead.py                      # in-process, 1 and 2 threads, 8 rounds, profile
+    python bench/bench_overhead.py --mode isolated --rounds 3 --steps 40 --variants bare trainer trainer-notrack
 
 Writes ``bench/results/overhead.json`` and ``bench/results/overhead.md``.
 """
@@ -41,7 +49,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CONFIG = "configs/quickstart.yaml"
-VARIANTS = ("bare", "bare-stream", "trainer")
+VARIANTS = ("bare", "bare-stream", "trainer", "trainer-notrack")
+INPROC_VARIANTS = ("bare", "bare-stream", "trainer")
+LOG_EVERY = 20  # the quickstart's logging cadence, set explicitly so the timed window logs to MLflow
 TARGET = 0.95
 FAR = 10**9  # a cadence beyond any benchmark run: no checkpoint, grid or plot inside the timed window
 RESULT_PREFIX = "RESULT "
@@ -59,6 +69,7 @@ def overrides(data: Path, work: Path, batch: int) -> list[str]:
         "tracking.experiment=bench-overhead",
         f"train.output_dir={work / 'run'}",
         f"train.total_steps={FAR}",
+        f"train.log_every={LOG_EVERY}",
         f"train.ckpt_every={FAR}",
         f"train.importance_plot_every={FAR}",
         "train.sample_every=0",
@@ -83,52 +94,111 @@ def _prefill_history(sampler: Any) -> None:
     assert sampler.importance_active
 
 
-def _timed(step: Any, warmup: int, steps: int) -> float:
+def _timed(step: Any, warmup: int, steps: int, profile: bool = False) -> tuple[float, list[dict[str, Any]] | None]:
+    """Seconds for ``steps`` steps after ``warmup`` untimed ones. With ``profile``, as many steps again
+    under cProfile (the seconds stay those of the unprofiled steps), and its rows."""
+    import cProfile
+
     for _ in range(warmup):
         step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if not profile:
+        return seconds, None
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    return seconds, _profile_rows(prof, steps)
 
 
-def _profile_rows(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
+def _ms_per_call(fn: Any, reps: int = 50) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return 1e3 * (time.perf_counter() - start) / reps
+
+
+def component_times(trainer: Any, batch: int) -> dict[str, float]:
+    """Unprofiled ms per step of the trainer's own parts, each timed alone on realistic inputs. Call after
+    the timed steps: it changes the sampler's history, the EMA and the metrics window."""
+    import torch
+
+    params = [p for p in trainer.engine.module.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) for p in params]
+    t, _ = trainer.sampler.sample(batch)
+    vb = torch.rand(batch, dtype=torch.float64)
+    terms = {"loss": torch.rand(batch), "mse": torch.rand(batch), "vb": vb}
+    loss = torch.rand(())
+
+    def guard() -> None:  # what the hooks do in one backward pass, then the per-step read
+        trainer.guard.reset()
+        for g in grads:
+            trainer.guard._check(g)
+        trainer.guard.check_loss(loss)
+        _ = trainer.guard.flag
+
+    def sampler() -> None:  # draw, queue the losses, fold them (what a step does with the history)
+        ts, _w = trainer.sampler.sample(batch)
+        trainer.sampler.record(ts, vb)
+        trainer.sampler.sync()
+
+    def window() -> None:
+        trainer.window.add(loss, terms, t, torch.ones(batch))
+        trainer.window.commit()
+
+    return {
+        "ema_update": _ms_per_call(trainer.ema.update),
+        "nonfinite_guard": _ms_per_call(guard),
+        "timestep_sampler": _ms_per_call(sampler),
+        "loss_window": _ms_per_call(window),
+    }
+
+
+def _profile_rows(prof: Any, steps: int) -> list[dict[str, Any]]:
+    """Per function: calls, self and cumulative ms per step (rows under 0.01 ms/step dropped)."""
     import pstats
 
     stats = pstats.Stats(prof)
     rows = []
     for (file, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        where = f"{Path(file).name}:{line}({func})" if line else func
+        if 1e3 * cumtime / steps < 0.01:
+            continue
         rows.append(
             {
-                "function": where,
+                "function": f"{Path(file).name}:{line}({func})" if line else func,
                 "calls_per_step": ncalls / steps,
                 "self_ms_per_step": 1e3 * tottime / steps,
                 "cum_ms_per_step": 1e3 * cumtime / steps,
             }
         )
-    rows.sort(key=lambda r: r["self_ms_per_step"], reverse=True)
-    return rows[:top]
+    return rows
 
 
-def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
+def build_trainer(args: argparse.Namespace, tracking: bool = True) -> tuple[Any, Any]:
+    """The real Trainer and fit()'s per-step body. Initialises the (world of one) process group."""
     import torch
 
     from trainer import distributed
     from trainer.config import load_config
     from trainer.main import Trainer
 
-    work = Path(args.work)
-    cfg = load_config(ROOT / CONFIG, overrides(Path(args.data), work, args.batch))
+    extra = [] if tracking else ["tracking.enabled=false"]
+    cfg = load_config(ROOT / CONFIG, [*overrides(Path(args.data), Path(args.work), args.batch), *extra])
     env = distributed.init_distributed()
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
     trainer = Trainer(cfg, env)
     _prefill_history(trainer.sampler)
     trainer.start_tracking(None)
-    build_s = time.perf_counter() - t0
     state = trainer.state
     saved_at = -1
+    # What fit() sets before its loop, read by _after_step's metrics (rate, ETA).
+    trainer.t_window = trainer.t_start = time.perf_counter()
+    trainer.step_start = state.step
 
     def step() -> None:
         # Fit's body for a kept step; a skipped step would fail the benchmark (it must not happen).
@@ -138,34 +208,18 @@ def run_trainer(args: argparse.Namespace) -> dict[str, Any]:
         state.step += 1
         saved_at = trainer._after_step(saved_at)
 
-    for _ in range(args.warmup):
-        step()
-    wait0 = trainer.stream.stats().get("wait_s", 0.0)
-    prof = None
-    if args.profile:
-        import cProfile
+    return trainer, step
 
-        prof = cProfile.Profile()
-        prof.enable()
-    seconds = _timed(step, 0, args.steps)
-    if prof is not None:
-        prof.disable()
-    data_wait = trainer.stream.stats().get("wait_s", 0.0) - wait0
+
+def close_trainer(trainer: Any) -> None:
+    from trainer import distributed
+
     trainer.tracker.close(status="FINISHED")
     distributed.shutdown()
-    out: dict[str, Any] = {
-        "seconds": seconds,
-        "build_s": build_s,
-        "data_wait_ms_per_step": 1e3 * data_wait / args.steps,
-        "importance_active": trainer.sampler.importance_active,
-        "logged_steps": args.steps // cfg.train.log_every,
-    }
-    if prof is not None:
-        out["profile"] = _profile_rows(prof, args.steps, args.profile_top)
-    return out
 
 
-def run_bare(args: argparse.Namespace, from_stream: bool) -> dict[str, Any]:
+def build_bare(args: argparse.Namespace, from_stream: bool, n_batches: int) -> Any:
+    """A plain loop's step over the trainer's batches (pre-decoded, cycling over ``n_batches``, or streamed)."""
     import torch
 
     from trainer.config import load_config
@@ -196,12 +250,12 @@ def run_bare(args: argparse.Namespace, from_stream: bool) -> dict[str, Any]:
     )
     stream = build_train_stream(cfg.data, manifest, rank=0, world_size=1)
     # The trainer's stream yields these same batches in this order (same data config and seed).
-    batches = None if from_stream else [next(stream)[0] for _ in range(args.warmup + args.steps)]
+    batches = None if from_stream else [next(stream)[0] for _ in range(n_batches)]
     params = list(model.parameters())
-    it = iter(range(10**9))
+    it = iter(range(10**12))
 
     def step() -> None:
-        x = next(stream)[0] if batches is None else batches[next(it)]
+        x = next(stream)[0] if batches is None else batches[next(it) % len(batches)]
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],))
         loss = diffusion.training_losses(model, x, t)["loss"].mean()
         opt.zero_grad(set_to_none=True)
@@ -210,15 +264,94 @@ def run_bare(args: argparse.Namespace, from_stream: bool) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
 
-    return {"seconds": _timed(step, args.warmup, args.steps)}
+    return step
+
+
+def child_isolated(args: argparse.Namespace) -> dict[str, Any]:
+    """One variant for ``--warmup`` + ``--steps`` steps in this process (``--mode isolated``)."""
+    if not args.child.startswith("trainer"):
+        step = build_bare(args, args.child == "bare-stream", args.warmup + args.steps)
+        seconds, _ = _timed(step, args.warmup, args.steps)
+        return {"seconds": seconds, "steps_per_s": args.steps / seconds}
+    trainer, step = build_trainer(args, tracking=args.child == "trainer")
+    for _ in range(args.warmup):
+        step()
+    wait0 = trainer.stream.stats().get("wait_s", 0.0)
+    seconds, _ = _timed(step, 0, args.steps)
+    data_wait = trainer.stream.stats().get("wait_s", 0.0) - wait0
+    close_trainer(trainer)
+    return {
+        "seconds": seconds,
+        "steps_per_s": args.steps / seconds,
+        "data_wait_ms_per_step": 1e3 * data_wait / args.steps,
+    }
+
+
+def child_inproc(args: argparse.Namespace) -> dict[str, Any]:
+    """All in-process variants taking turns (see the module docstring), then the optional profile."""
+    trainer, trainer_step = build_trainer(args)
+    steps = {
+        "bare": build_bare(args, from_stream=False, n_batches=64),
+        "bare-stream": build_bare(args, from_stream=True, n_batches=0),
+        "trainer": trainer_step,
+    }
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    names = list(steps)
+    rounds = []
+    wait_s, trainer_steps = 0.0, 0
+    for rnd in range(args.rounds):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        times: dict[str, list[float]] = {}
+        for name in order:
+            wait0 = trainer.stream.stats().get("wait_s", 0.0)
+            per_step = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                steps[name]()
+                per_step.append(time.perf_counter() - t0)
+            times[name] = per_step
+            if name == "trainer":
+                wait_s += trainer.stream.stats().get("wait_s", 0.0) - wait0
+                trainer_steps += args.steps
+        rounds.append(
+            {
+                "round": rnd + 1,
+                "order": order,
+                "median_step_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
+                "mean_step_ms": {n: 1e3 * statistics.fmean(t) for n, t in times.items()},
+            }
+        )
+        medians = ", ".join(f"{n} {v:.1f}" for n, v in rounds[-1]["median_step_ms"].items())
+        print(f"threads {args.threads} round {rnd + 1}: median ms/step {medians}", file=sys.stderr, flush=True)
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "data_wait_ms_per_step": 1e3 * wait_s / max(trainer_steps, 1),
+        "importance_active": trainer.sampler.importance_active,
+        "mlflow_logged_steps": trainer_steps // LOG_EVERY,
+    }
+    if args.profile:
+        profiled = {}
+        for name in ("bare", "trainer"):
+            wait0 = trainer.stream.stats().get("wait_s", 0.0)
+            seconds, rows = _timed(steps[name], 0, args.steps, profile=True)
+            profiled[name] = {"seconds": seconds, "profile": rows}
+        profiled["trainer"]["data_wait_ms_per_step"] = out["data_wait_ms_per_step"]
+        profiled["trainer"]["components_ms"] = component_times(trainer, args.batch)
+        profiled["bare"]["seconds"] = args.steps * _overall_median(rounds, "bare") / 1e3
+        profiled["trainer"]["seconds"] = args.steps * _overall_median(rounds, "trainer") / 1e3
+        out["profile"] = profile_diff(profiled["bare"], profiled["trainer"], args.steps, args.profile_top)
+    close_trainer(trainer)
+    return out
+
+
+def _overall_median(rounds: list[dict[str, Any]], name: str) -> float:
+    return statistics.median(r["median_step_ms"][name] for r in rounds)
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.child == "trainer":
-        out = run_trainer(args)
-    else:
-        out = run_bare(args, from_stream=args.child == "bare-stream")
-    out["steps_per_s"] = args.steps / out["seconds"]
+    out = child_inproc(args) if args.child == "inproc" else child_isolated(args)
     print(RESULT_PREFIX + json.dumps(out), flush=True)
 
 
@@ -255,85 +388,137 @@ def make_data(dest: Path) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def spawn(variant: str, threads: int, data: Path, work: Path, args: argparse.Namespace, profile: bool = False) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--data", str(data), "--work", str(work)]
+def spawn(name: str, threads: int, data: Path, work: Path, args: argparse.Namespace, profile: bool = False) -> dict:
+    """Run ``--child name`` in a fresh process with ``threads`` threads; its result dict."""
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--data", str(data), "--work", str(work)]
     cmd += ["--threads", str(threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    cmd += ["--batch", str(args.batch), "--profile-top", str(args.profile_top)]
-    if profile:
-        cmd.append("--profile")
+    cmd += ["--batch", str(args.batch), "--rounds", str(args.rounds), "--profile-top", str(args.profile_top)]
+    if not profile:
+        cmd.append("--no-profile")
     # Thread count fixed before torch loads; the trainer then leaves it alone (OMP_NUM_THREADS is set).
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{variant} ({threads} threads) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{name} ({threads} threads) failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def _ratio_keys(present: list[str]) -> list[tuple[str, str, str]]:
+    """(key, trainer variant, bare variant) for every trainer-like variant over every bare-like one present."""
+    return [(f"{t}/{b}", t, b) for t in present if t.startswith("trainer") for b in present if b.startswith("bare")]
 
 
 def summarise(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:
     mine = [r for r in runs if r["threads"] == threads]
-    rounds = sorted({r["round"] for r in mine})
+    present = [v for v in VARIANTS if any(r["variant"] == v for r in mine)]
     by = {(r["variant"], r["round"]): r for r in mine}
-    out: dict[str, Any] = {"threads": threads, "rounds": []}
-    for rnd in rounds:
-        row: dict[str, Any] = {"round": rnd}
-        for v in VARIANTS:
+    out: dict[str, Any] = {"threads": threads, "variants": present, "rounds": []}
+    for rnd in sorted({r["round"] for r in mine}):
+        row: dict[str, Any] = {"round": rnd, "steps_per_s": {}, "ratios": {}}
+        for v in present:
             if (v, rnd) in by:
-                row[v] = by[(v, rnd)]["steps_per_s"]
-        if "trainer" in row:
-            for base in ("bare", "bare-stream"):
-                if base in row:
-                    row[f"ratio_vs_{base}"] = row["trainer"] / row[base]
+                row["steps_per_s"][v] = by[(v, rnd)]["steps_per_s"]
+        for key, t, b in _ratio_keys(present):
+            if t in row["steps_per_s"] and b in row["steps_per_s"]:
+                row["ratios"][key] = row["steps_per_s"][t] / row["steps_per_s"][b]
         out["rounds"].append(row)
-    for key in ("ratio_vs_bare", "ratio_vs_bare-stream"):
-        vals = [r[key] for r in out["rounds"] if key in r]
-        if vals:
-            out[f"median_{key}"] = statistics.median(vals)
-    for v in VARIANTS:
-        vals = [r[v] for r in out["rounds"] if v in r]
-        if vals:
-            out[f"median_{v}_steps_per_s"] = statistics.median(vals)
+    out["median_steps_per_s"] = {
+        v: statistics.median(r["steps_per_s"][v] for r in out["rounds"] if v in r["steps_per_s"]) for v in present
+    }
+    out["median_ratios"] = {
+        key: statistics.median(r["ratios"][key] for r in out["rounds"] if key in r["ratios"])
+        for key, _t, _b in _ratio_keys(present)
+        if any(key in r["ratios"] for r in out["rounds"])
+    }
     waits = [r["data_wait_ms_per_step"] for r in mine if r["variant"] == "trainer"]
     if waits:
         out["trainer_data_wait_ms_per_step"] = statistics.median(waits)
     return out
 
 
+def profile_diff(bare: dict[str, Any], trainer: dict[str, Any], steps: int, top: int) -> dict[str, Any]:
+    """Where the trainer's extra time goes: per function, its self time in the trainer run minus in the bare
+    run (cProfile, same steps); functions only the trainer calls (DeepSpeed, EMA, guard, ...) lead the list."""
+    bare_rows = {r["function"]: r for r in bare["profile"]}
+    rows = []
+    for r in trainer["profile"]:
+        b = bare_rows.get(r["function"], {})
+        rows.append(
+            {
+                **r,
+                "bare_self_ms_per_step": b.get("self_ms_per_step", 0.0),
+                "extra_self_ms_per_step": r["self_ms_per_step"] - b.get("self_ms_per_step", 0.0),
+                "bare_cum_ms_per_step": b.get("cum_ms_per_step", 0.0),
+            }
+        )
+    by_extra = sorted(rows, key=lambda r: r["extra_self_ms_per_step"], reverse=True)[:top]
+    # Entry points of the trainer's own parts, by cumulative time (they overlap: a caller includes callees).
+    parts = sorted(
+        (r for r in rows if r["bare_cum_ms_per_step"] == 0.0 and r["calls_per_step"] >= 1),
+        key=lambda r: r["cum_ms_per_step"],
+        reverse=True,
+    )[:top]
+    bare_ms, trainer_ms = 1e3 * bare["seconds"] / steps, 1e3 * trainer["seconds"] / steps
+    parts_ms = {"data_stream_wait": trainer["data_wait_ms_per_step"], **trainer["components_ms"]}
+    return {
+        "bare_step_ms": bare_ms,
+        "trainer_step_ms": trainer_ms,
+        "extra_ms": trainer_ms - bare_ms,
+        "parts_ms": parts_ms,
+        # DeepSpeed's forward/backward/step wrappers (grad flatten + all-reduce even at world 1, its own
+        # clip_grad_norm_ and zero_grad), train_step's glue and noise: what the timed parts do not explain.
+        "rest_ms": trainer_ms - bare_ms - sum(parts_ms.values()),
+        "by_extra_self_time": by_extra,
+        "trainer_only_by_cumulative_time": parts,
+    }
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
+    if report["mode"] == "inproc":
+        how = (
+            f"in-process turns: {report['rounds']} rounds x {report['steps']} timed steps per variant, after "
+            f"{report['warmup']} warm-up steps each"
+        )
+        speed = "Steps/s = 1 / median step time of the variant's turn in that round (order rotating)."
+    else:
+        how = f"one process per run, {report['steps']} timed steps after {report['warmup']} warm-up steps"
+        speed = "Steps/s per run (each run its own process, interleaved in this order each round)."
     lines = [
         "# Training-stack overhead vs a bare PyTorch loop",
         "",
         f"{report['date']} · {m['cpu']} · {m['cpus']} CPUs · torch {m['torch']} · quickstart UNet "
-        f"({report['params']:,} params), batch {report['batch']}, fp32, ZeRO-0, one process · "
-        f"{report['steps']} timed steps per run after {report['warmup']} warm-up steps · load average "
+        f"({report['params']:,} params), batch {report['batch']}, fp32, ZeRO-0, one process · {how} · load average "
         f"{report['load_before'][0]:.2f} before / {report['load_after'][0]:.2f} after (1-min)"
         + (" · a pytest run shared the machine" if report["pytest_running"] else "")
         + ".",
         "",
-        "Steps/s per run (each run its own process, interleaved in this order each round). `bare`: pre-decoded "
+        f"{speed} `bare`: pre-decoded "
         "batches; `bare-stream`: the same batches decoded from the train stream; `trainer`: the full stack "
         "(DeepSpeed, stream, EMA, non-finite guard, importance sampling, MLflow sqlite logging every "
-        f"{report['log_every']} steps). Target ratio >= {TARGET}.",
-        "",
-        "| threads | round | bare | bare-stream | trainer | trainer / bare | trainer / bare-stream |",
-        "|---|---|---|---|---|---|---|",
+        f"{report['log_every']} steps); `trainer-notrack`: the same with tracking disabled. Target ratio >= "
+        f"{TARGET}.",
     ]
 
-    def fmt(v: float | None, digits: int = 3) -> str:
-        return "" if v is None else f"{v:.{digits}f}"
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
 
-    for s in report["summary"]:
+    for s in (s for s in report["summary"] if s["rounds"]):
+        ratio_keys = [k for k, _t, _b in _ratio_keys(s["variants"])]
+        lines += [
+            "",
+            f"| threads | round | {' | '.join(s['variants'])} | {' | '.join(ratio_keys)} |",
+            "|---" * (2 + len(s["variants"]) + len(ratio_keys)) + "|",
+        ]
         for r in s["rounds"]:
-            lines.append(
-                f"| {s['threads']} | {r['round']} | {fmt(r.get('bare'))} | {fmt(r.get('bare-stream'))} "
-                f"| {fmt(r.get('trainer'))} | {fmt(r.get('ratio_vs_bare'))} | {fmt(r.get('ratio_vs_bare-stream'))} |"
-            )
-        lines.append(
-            f"| {s['threads']} | **median** | {fmt(s.get('median_bare_steps_per_s'))} "
-            f"| {fmt(s.get('median_bare-stream_steps_per_s'))} | {fmt(s.get('median_trainer_steps_per_s'))} "
-            f"| **{fmt(s.get('median_ratio_vs_bare'))}** | **{fmt(s.get('median_ratio_vs_bare-stream'))}** |"
-        )
+            cells = [fmt(r["steps_per_s"].get(v)) for v in s["variants"]]
+            cells += [fmt(r["ratios"].get(k)) for k in ratio_keys]
+            lines.append(f"| {s['threads']} | {r['round']} | {' | '.join(cells)} |")
+        cells = [fmt(s["median_steps_per_s"].get(v)) for v in s["variants"]]
+        cells += [f"**{fmt(s['median_ratios'].get(k))}**" for k in ratio_keys]
+        lines.append(f"| {s['threads']} | **median** | {' | '.join(cells)} |")
     lines.append("")
     for s in report["summary"]:
         if "trainer_data_wait_ms_per_step" in s:
@@ -341,20 +526,37 @@ def markdown(report: dict[str, Any]) -> str:
                 f"- {s['threads']} thread(s): the trainer waited {s['trainer_data_wait_ms_per_step']:.1f} ms/step "
                 "for its stream (PNG decode in the training process with `data.num_workers: 0`)."
             )
-    if report.get("profile"):
+    prof = report.get("profile")
+    if prof:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in prof["parts_ms"].items())
         lines += [
             "",
-            f"cProfile of one trainer run ({report['profile_threads']} thread(s); profiling inflates Python-heavy "
-            "rows), top functions by self time:",
+            f"Where the trainer's extra time goes ({report['profile_threads']} thread(s); step times as measured "
+            f"above): {prof['bare_step_ms']:.1f} vs {prof['trainer_step_ms']:.1f} ms/step, "
+            f"{prof['extra_ms']:+.1f} ms. Timed alone (ms/step): {parts}; the rest, {prof['rest_ms']:.1f} ms, is "
+            "DeepSpeed's forward/backward/step wrappers (gradient flatten + all-reduce even at world size 1, its "
+            "own clip_grad_norm_ and zero_grad), train_step's glue and noise.",
             "",
-            "| function | calls/step | self ms/step | cumulative ms/step |",
-            "|---|---|---|---|",
+            f"cProfile of {report['steps']} more steps of each (profiling inflates Python-heavy code). Functions by "
+            "extra self time in the trainer (trainer minus bare):",
+            "",
+            "| function | calls/step | trainer self ms/step | bare self ms/step | extra ms/step |",
+            "|---|---|---|---|---|",
         ]
-        for row in report["profile"]:
+        for row in prof["by_extra_self_time"]:
             lines.append(
                 f"| `{row['function']}` | {row['calls_per_step']:.0f} | {row['self_ms_per_step']:.2f} "
-                f"| {row['cum_ms_per_step']:.2f} |"
+                f"| {row['bare_self_ms_per_step']:.2f} | {row['extra_self_ms_per_step']:.2f} |"
             )
+        lines += [
+            "",
+            "Functions only the trainer calls, by cumulative time (callers include their callees):",
+            "",
+            "| function | calls/step | cumulative ms/step |",
+            "|---|---|---|",
+        ]
+        for row in prof["trainer_only_by_cumulative_time"]:
+            lines.append(f"| `{row['function']}` | {row['calls_per_step']:.0f} | {row['cum_ms_per_step']:.2f} |")
     if report.get("notes"):
         lines += ["", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
@@ -376,33 +578,39 @@ def parent(args: argparse.Namespace) -> None:
         data = Path(tmp) / "data"
         make_data(data)
         for threads in args.threads:
+            if args.mode == "inproc":
+                res = spawn("inproc", threads, data, Path(tmp) / f"inproc-{threads}", args, args.profile)
+                profile = profile or res.get("profile")
+                for r in res["rounds"]:
+                    for name, ms in r["median_step_ms"].items():
+                        rec = {"variant": name, "threads": threads, "round": r["round"], "steps_per_s": 1e3 / ms}
+                        rec["mean_steps_per_s"] = 1e3 / r["mean_step_ms"][name]
+                        if name == "trainer":
+                            rec["data_wait_ms_per_step"] = res["data_wait_ms_per_step"]
+                        runs.append(rec)
+                continue
             for rnd in range(1, args.rounds + 1):
                 for variant in args.variants:
-                    work = Path(tmp) / f"{variant}-{threads}-{rnd}"
-                    work.mkdir()
-                    rec = spawn(variant, threads, data, work, args)
+                    rec = spawn(variant, threads, data, Path(tmp) / f"{variant}-{threads}-{rnd}", args)
                     rec.update(variant=variant, threads=threads, round=rnd)
                     runs.append(rec)
                     print(
-                        f"threads {threads} round {rnd} {variant:12s} {rec['steps_per_s']:.3f} steps/s",
+                        f"threads {threads} round {rnd} {variant:15s} {rec['steps_per_s']:.3f} steps/s",
                         file=sys.stderr,
                         flush=True,
                     )
-        if args.profile:
-            work = Path(tmp) / "profile"
-            work.mkdir()
-            profile = spawn("trainer", args.threads[0], data, work, args, profile=True)["profile"]
-    cfg = load_config(ROOT / CONFIG, [f"data.batch_size={args.batch}"])
-    params = count_parameters(build_unet(cfg.model, 16, 1, learn_sigma=True))
+    params = count_parameters(build_unet(load_config(ROOT / CONFIG).model, 16, 1, learn_sigma=True))
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "config": CONFIG,
         "params": params,
         "batch": args.batch,
+        "mode": args.mode,
+        "rounds": args.rounds,
         "steps": args.steps,
         "warmup": args.warmup,
-        "log_every": cfg.train.log_every,
+        "log_every": LOG_EVERY,
         "target": TARGET,
         "load_before": load_before,
         "load_after": os.getloadavg(),
@@ -413,7 +621,7 @@ def parent(args: argparse.Namespace) -> None:
         "profile_threads": args.threads[0] if profile else None,
         "notes": args.note,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     out_json = args.out / "overhead.json"
     out_json.write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "overhead.md").write_text(markdown(report))
@@ -423,17 +631,24 @@ def parent(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch/OMP threads per run")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=40, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per run")
+    p.add_argument("--mode", choices=("inproc", "isolated"), default="inproc")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch/OMP threads")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round (isolated: per run)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (isolated: per run)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--profile", action="store_true", help="also cProfile one trainer run")
-    p.add_argument("--profile-top", type=int, default=20)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(INPROC_VARIANTS),
+        help="isolated mode only (inproc runs bare, bare-stream, trainer); trainer-notrack: tracking disabled",
+    )
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the cProfile (inproc mode)")
+    p.add_argument("--profile-top", type=int, default=15)
     p.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=(*VARIANTS, "inproc"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()

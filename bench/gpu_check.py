@@ -12,10 +12,11 @@ Run by ``bench/gpu_check.sh`` (which installs the carried wheels and refuses to 
     Reported: images/s, the ratio, MFU = 3 x forward FLOPs/image x images/s / the GPU's peak dense bf16
     FLOP/s (omitted for GPUs not in :data:`PEAK_BF16`), and peak memory (``torch.cuda.max_memory_allocated``).
 (b) ``trainer/main.py --config configs/quickstart.yaml`` end to end (digits shards, tracking disabled),
-    run under ``python -X importtime`` to prove that path imports no MLflow; it must leave a sample grid.
+    run under ``python -X importtime`` to show that our code imports no MLflow there; it must leave a grid.
 
-Writes ``gpu.json`` and ``gpu.md`` (default ``bench/results/``) and copies them, with the grid, to ``$OUT``
-when that is set. Exit status 0 when every part ran, 1 otherwise (the files say what failed).
+Writes ``gpu.json`` and ``gpu.md`` (default ``bench/results/``), the grid and ``gpu_check.log`` (the
+children's output) beside them, and copies all four to ``$OUT`` when that is set. Exit status 0 when
+every part ran, 1 otherwise (the files say what failed).
 
     python bench/gpu_check.py                       # on a GPU machine (normally via bench/gpu_check.sh)
     python bench/gpu_check.py --dry-run --out /tmp/x  # CPU, tiny model, 3 steps: everything but CUDA
@@ -24,6 +25,7 @@ when that is set. Exit status 0 when every part ran, 1 otherwise (the files say 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -43,6 +45,10 @@ RESULTS = ROOT / "bench" / "results"
 CIFAR_CONFIG = "configs/cifar10_hybrid.yaml"
 QUICKSTART_CONFIG = "configs/quickstart.yaml"
 RESULT_PREFIX = "RESULT "
+LOG_LINES = 300  # last lines of each child's output kept in gpu_check.log
+LOGS: list[tuple[str, str]] = []  # (part, output) of every child process, for gpu_check.log
+RESERVE_BARE = 90.0  # seconds kept for the bare loop while the trainer runs
+RESERVE_QUICKSTART = 120.0  # seconds kept for the quickstart while part (a) runs
 FAR = 10**9  # a cadence beyond any run here: no checkpoint, plot or grid inside the timed window
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s from the vendors' data sheets, matched on the name
@@ -119,7 +125,7 @@ def train_overrides(args: argparse.Namespace, data: Path, work: Path) -> list[st
     if _schema_has("train", "compile"):
         out.append("train.compile=false")  # eager in both variants: compile time would swamp a short run
     if args.dry_run:
-        out += TINY_MODEL
+        out += [*TINY_MODEL, "train.log_every=2"]  # the metrics path runs inside a 4-step dry run too
     return out
 
 
@@ -153,8 +159,6 @@ def _timed(step: Any, device: Any, warmup: int, steps: int) -> float:
 
 
 def child_trainer(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     from trainer import distributed
     from trainer.config import load_config
     from trainer.main import Trainer
@@ -166,6 +170,9 @@ def child_trainer(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(cfg, env)
     trainer.start_tracking(None)
     state, saved_at = trainer.state, -1
+    # What fit() sets before its loop, read by _after_step's metrics (rate, ETA).
+    trainer.t_window = trainer.t_start = time.perf_counter()
+    trainer.step_start = state.step
 
     def step() -> None:
         nonlocal saved_at
@@ -185,8 +192,9 @@ def child_trainer(args: argparse.Namespace) -> dict[str, Any]:
         "data_wait_ms_per_step": 1e3 * wait / args.steps,
         "params": trainer.n_params,
         "fwd_flops_per_image": trainer.flops,
-        "precision": "DeepSpeed bf16 (bf16 weights, fp32 master), ZeRO-2",
-        "mlflow_imported": "mlflow" in sys.modules,
+        "precision": f"DeepSpeed {trainer.cfg.train.precision}, ZeRO-{trainer.cfg.train.zero_stage}",
+        # Informational: DeepSpeed imports mlflow itself where it is installed (quickstart part checks ours).
+        "mlflow_in_sys_modules": "mlflow" in sys.modules,
         **_peak_memory(env.device),
     }
     trainer.stream.close()
@@ -207,7 +215,9 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
     manifest = load_manifest(cfg.data.root)
     torch.manual_seed(cfg.train.seed)
     model = (
-        build_unet(cfg.model, manifest.image_size, manifest.channels, learn_sigma=cfg.diffusion.var_type == "learned_range")
+        build_unet(
+            cfg.model, manifest.image_size, manifest.channels, learn_sigma=cfg.diffusion.var_type == "learned_range"
+        )
         .to(device)
         .train()
     )
@@ -285,7 +295,9 @@ def make_data(work: Path, env: dict[str, str]) -> tuple[Path, Path]:
         cmd = [sys.executable, "-m", "data_prep", "make", "--source", "digits", "--out", str(work / name)]
         cmd += ["--image-size", size, "--channels", channels, "--val-fraction", "0.1", "--max-per-shard", "256"]
         cmd += ["--quiet", "--workers", "2"]
-        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs[name] = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     for name, proc in procs.items():
         output, _ = proc.communicate(timeout=300)
         if proc.returncode != 0:
@@ -293,7 +305,9 @@ def make_data(work: Path, env: dict[str, str]) -> tuple[Path, Path]:
     return work / "digits32rgb", work / "digits16"
 
 
-def spawn(variant: str, args: argparse.Namespace, data: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
+def spawn(
+    variant: str, args: argparse.Namespace, data: Path, work: Path, env: dict[str, str], timeout: float
+) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--data", str(data)]
     cmd += ["--work", str(work), "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--batch", str(args.batch), "--workers", str(args.workers)]
@@ -301,11 +315,10 @@ def spawn(variant: str, args: argparse.Namespace, data: Path, work: Path, env: d
         cmd.append("--dry-run")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.child_timeout, check=False
-        )
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {args.child_timeout} s"}
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    LOGS.append((f"(a) {variant}", proc.stdout + proc.stderr))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         return {"ok": False, "error": f"exit {proc.returncode}: {_tail(proc.stderr or proc.stdout)}"}
@@ -314,7 +327,9 @@ def spawn(variant: str, args: argparse.Namespace, data: Path, work: Path, env: d
     return out
 
 
-def run_quickstart(args: argparse.Namespace, data: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
+def run_quickstart(
+    args: argparse.Namespace, data: Path, work: Path, env: dict[str, str], timeout: float
+) -> dict[str, Any]:
     """``trainer/main.py`` as a user runs it, under ``-X importtime`` (every import is listed on stderr)."""
     out_dir = work / "quickstart"
     cmd = [sys.executable, "-X", "importtime", "trainer/main.py", "--config", QUICKSTART_CONFIG, "--resume", "none"]
@@ -323,14 +338,14 @@ def run_quickstart(args: argparse.Namespace, data: Path, work: Path, env: dict[s
         cmd += TINY_QUICKSTART
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.child_timeout, check=False
-        )
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {args.child_timeout} s"}
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - t0
     imports = [ln for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
-    mlflow = sorted({ln.rsplit("|", 1)[-1].strip() for ln in imports if re.search(r"\|\s*mlflow\b", ln)})
+    LOGS.append(("(b) quickstart", proc.stdout + "\n".join(ln for ln in proc.stderr.splitlines() if ln not in imports)))
+    importers = mlflow_importers(imports)
+    ours = sorted(m for m in importers if not m.startswith("deepspeed."))
     other_err = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:"))
     grids = sorted((out_dir / "samples").glob("*.png"))
     steps = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
@@ -340,7 +355,8 @@ def run_quickstart(args: argparse.Namespace, data: Path, work: Path, env: dict[s
         "wall_s": wall,
         "grid": str(grids[-1]) if grids else None,
         "last_log": steps[-1] if steps else None,
-        "mlflow_modules_imported": mlflow[:5],
+        # DeepSpeed's autotuner does ``try: import mlflow`` (absent on the GPU node); any other importer is ours.
+        "mlflow_imported_by": importers,
         "modules_imported": len(imports),
     }
     problems = []
@@ -348,12 +364,37 @@ def run_quickstart(args: argparse.Namespace, data: Path, work: Path, env: dict[s
         problems.append(f"exit {proc.returncode}: {_tail(other_err or proc.stdout)}")
     if not grids:
         problems.append("no sample grid under " + str(out_dir / "samples"))
-    if mlflow:
-        problems.append(f"tracking disabled, yet MLflow was imported ({', '.join(mlflow[:3])})")
+    if ours:
+        problems.append(f"tracking disabled, yet {', '.join(ours)} imported MLflow")
     result["ok"] = not problems
     if problems:
         result["error"] = "; ".join(problems)
     return result
+
+
+def mlflow_importers(importtime_lines: list[str]) -> list[str]:
+    """The modules that imported ``mlflow`` directly, from ``python -X importtime`` lines.
+
+    Each line ends ``| <indent>module``, one more space of indent per level of nesting, and a module is
+    listed after everything it imported: the importer of a module is the first later line indented less.
+    """
+    entries = []
+    for line in importtime_lines:
+        name_field = line.rsplit("|", 1)[-1]
+        name = name_field.strip()
+        entries.append((len(name_field) - len(name_field.lstrip(" ")), name))
+    found = set()
+    for i, (indent, name) in enumerate(entries):
+        if name.split(".")[0] != "mlflow":
+            continue
+        for later_indent, later in entries[i + 1 :]:
+            if later_indent < indent:
+                if later.split(".")[0] != "mlflow":
+                    found.add(later)
+                break
+        else:
+            found.add("<top level>")
+    return sorted(found)
 
 
 def device_info(device: str) -> dict[str, Any]:
@@ -369,14 +410,12 @@ def device_info(device: str) -> dict[str, Any]:
         info.update(name=torch.cuda.get_device_name(0), memory_gib=props.total_memory / 2**30)
     else:
         name = platform.processor() or platform.machine()
-        try:
+        with contextlib.suppress(OSError, StopIteration):
             name = next(
                 ln.split(":", 1)[1].strip()
                 for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")
             )
-        except (OSError, StopIteration):
-            pass
         info["name"] = f"CPU: {name}"
     return info
 
@@ -409,17 +448,21 @@ def markdown(report: dict[str, Any]) -> str:
     if tr.get("ratio") is not None:
         lines += ["", f"trainer / bare images/s: **{tr['ratio']:.3f}**"]
     if tr.get("peak_bf16_flops"):
-        lines.append(f"MFU against {tr['peak_bf16_flops'] / 1e12:.0f} TFLOP/s dense bf16 (3 x forward FLOPs per image).")
+        lines.append(
+            f"MFU against {tr['peak_bf16_flops'] / 1e12:.0f} TFLOP/s dense bf16 (3 x forward FLOPs per image)."
+        )
     else:
         lines.append("MFU omitted: this device is not in the peak-FLOP/s table.")
     qs = report["quickstart"]
+    via = ", ".join(qs.get("mlflow_imported_by", []))  # importtime lists failed attempts too
     lines += ["", "## (b) quickstart end to end (tracking disabled)", ""]
     if qs.get("ok"):
         lines += [
             f"- `{qs['command']}`: exit {qs['exit_code']} in {qs['wall_s']:.0f} s",
             f"- last log line: `{qs['last_log']}`",
-            f"- sample grid: `{qs['grid']}`",
-            f"- MLflow modules imported: none (of {qs['modules_imported']} imports)",
+            f"- sample grid: `{Path(qs['grid']).name}` (copied next to this file as `gpu_quickstart_grid.png`)",
+            "- MLflow imported by our code: no"
+            + (f" (DeepSpeed's guarded, optional import attempt: {via})" if via else ""),
         ]
     else:
         lines.append(f"- FAILED: {qs.get('error', 'unknown')}")
@@ -436,6 +479,11 @@ def parent(args: argparse.Namespace) -> int:
         if out_dir is None:
             out_dir = work / "results" if args.dry_run else RESULTS
         t0 = time.perf_counter()
+
+        def time_left(reserve: float) -> float:
+            # Each part may use what the budget leaves after reserving time for the parts after it.
+            return max(30.0, t0 + args.budget_s - time.perf_counter() - reserve)
+
         data32, data16 = make_data(work, env)
         print(f"gpu_check: data ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -446,9 +494,9 @@ def parent(args: argparse.Namespace) -> int:
             "warmup": args.warmup,
             "loader_workers": args.workers,
         }
-        for variant in ("trainer", "bare"):
+        for variant, reserve in (("trainer", RESERVE_BARE + RESERVE_QUICKSTART), ("bare", RESERVE_QUICKSTART)):
             (work / variant).mkdir(exist_ok=True)
-            train[variant] = spawn(variant, args, data32, work / variant, env)
+            train[variant] = spawn(variant, args, data32, work / variant, env, time_left(reserve))
             r = train[variant]
             shown = f"{r['images_per_s']:.1f} images/s" if r.get("ok") else f"FAILED: {r['error'][-300:]}"
             print(f"gpu_check: (a) {variant}: {shown}", flush=True)
@@ -464,10 +512,8 @@ def parent(args: argparse.Namespace) -> int:
         train["peak_bf16_flops"] = peak
         train["ratio"] = tr["images_per_s"] / bare["images_per_s"] if tr.get("ok") and bare.get("ok") else None
 
-        quick = run_quickstart(args, data16, work, env)
+        quick = run_quickstart(args, data16, work, env, time_left(0))
         print(f"gpu_check: (b) quickstart: {'OK' if quick['ok'] else 'FAILED: ' + quick['error'][-300:]}", flush=True)
-        if tr.get("ok") and tr.get("mlflow_imported"):
-            tr.update(ok=False, error="tracking disabled, yet the trainer imported MLflow")
 
         report = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -481,13 +527,16 @@ def parent(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
         (out_dir / "gpu.md").write_text(markdown(report))
+        (out_dir / "gpu_check.log").write_text(
+            "".join(f"===== {part}\n{_tail(text, LOG_LINES)}\n" for part, text in LOGS)
+        )
         grid = Path(quick["grid"]) if quick.get("grid") else None
         if grid is not None and grid.is_file():
             shutil.copyfile(grid, out_dir / "gpu_quickstart_grid.png")
         if os.environ.get("OUT"):  # the device tool brings back what lands in $OUT
             dest = Path(os.environ["OUT"])
             dest.mkdir(parents=True, exist_ok=True)
-            for name in ("gpu.json", "gpu.md", "gpu_quickstart_grid.png"):
+            for name in ("gpu.json", "gpu.md", "gpu_quickstart_grid.png", "gpu_check.log"):
                 if (out_dir / name).is_file():
                     shutil.copyfile(out_dir / name, dest / name)
         print(markdown(report), flush=True)
@@ -503,7 +552,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="untimed steps per variant (default 30; dry run 1)")
     p.add_argument("--batch", type=int, help="images per step (default 128, the preset's; dry run 4)")
     p.add_argument("--workers", type=int, help="trainer's loader workers (default 8; dry run 0)")
-    p.add_argument("--child-timeout", type=int, default=300, help="seconds allowed to each measured process")
+    p.add_argument(
+        "--budget-s", type=float, default=420, help="seconds for all parts together (each child is cut off to fit)"
+    )
     p.add_argument("--out", type=Path, help="results folder (default bench/results; dry run: inside the work dir)")
     p.add_argument("--work", help="work folder (default: a temporary one, removed at the end)")
     p.add_argument("--child", choices=("trainer", "bare"), help=argparse.SUPPRESS)

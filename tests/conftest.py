@@ -33,6 +33,23 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def torchrun_cmd(nproc: int, args: list[str], script: str = "trainer/main.py") -> list[str]:
+    """``torchrun`` of the trainer on ``nproc`` local ranks with the quickstart config and ``args``."""
+    from trainer.distributed import free_port
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        script,
+        "--config",
+        "configs/quickstart.yaml",
+        *args,
+    ]
+
+
 def run_cmd(args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         args, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout, check=False

@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_MODEL, child_env, run_cmd
-from trainer.distributed import free_port
+from tests.conftest import REPO, TINY_MODEL, child_env, run_cmd, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -41,22 +39,8 @@ BASE = [
 ]
 
 
-def _cmd(nproc: int, args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "trainer/main.py",
-        "--config",
-        "configs/quickstart.yaml",
-        *args,
-    ]
-
-
 def _train(args: list[str], nproc: int = 2) -> str:
-    proc = run_cmd(_cmd(nproc, args), timeout=600)
+    proc = run_cmd(torchrun_cmd(nproc, args), timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
@@ -148,7 +132,7 @@ def _interrupt(args: list[str], after_line: str, sig: signal.Signals) -> str:
     SIGKILL is a hard kill of the launcher and every rank. SIGUSR2 is the scheduler's stop signal, sent
     to the ranks: they agree on a step, save and exit, as under SLURM."""
     proc = subprocess.Popen(
-        _cmd(2, args),
+        torchrun_cmd(2, args),
         cwd=REPO,
         env=child_env(),
         stdout=subprocess.PIPE,
