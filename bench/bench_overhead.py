@@ -22,8 +22,9 @@ Modes:
   difference: a bare loop runs as fast next to a built Trainer as alone).
 - ``isolated``: each (variant, round) in its own process, interleaved; speed = steps / wall time.
 
-Warm-up steps and start-up are excluded. The ratio is trainer steps/s over bare steps/s. ``--profile``
-adds a cProfile of bare and trainer steps (same process) and the trainer's own parts timed alone.
+Warm-up steps and start-up are excluded. The ratio is trainer steps/s over bare steps/s. In-process runs
+end with a cProfile of bare and trainer steps (first thread count; ``--no-profile`` skips it) and the
+trainer's own parts timed alone, to say where its extra milliseconds go.
 
     python bench/bench_overhead.py                      # in-process, 1 and 2 threads, 8 rounds, profile
     python bench/bench_overhead.py --mode isolated --rounds 3 --steps 40 --variants bare trainer trainer-notrack
