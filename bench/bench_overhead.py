@@ -225,8 +225,8 @@ def build_bare(args: argparse.Namespace, from_stream: bool, n_batches: int) -> A
 
     from trainer.config import load_config
     from trainer.data import build_train_stream, load_manifest
-    from trainer.diffusion import create_diffusion
     from trainer.models.unet import build_unet
+    from trainer.sampling import base_diffusion
 
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / CONFIG, overrides(Path(args.data), Path(args.work), args.batch))
@@ -239,16 +239,7 @@ def build_bare(args: argparse.Namespace, from_stream: bool, n_batches: int) -> A
         learn_sigma=cfg.diffusion.var_type == "learned_range",
     ).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    d = cfg.diffusion
-    diffusion = create_diffusion(
-        steps=d.steps,
-        schedule=d.schedule,
-        mean_type=d.mean_type,
-        var_type=d.var_type,
-        loss=d.loss,
-        vlb_weight=d.vlb_weight,
-        respacing="",
-    )
+    diffusion = base_diffusion(cfg)
     stream = build_train_stream(cfg.data, manifest, rank=0, world_size=1)
     # The trainer's stream yields these same batches in this order (same data config and seed).
     batches = None if from_stream else [next(stream)[0] for _ in range(n_batches)]

@@ -207,8 +207,8 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
 
     from trainer.config import load_config
     from trainer.data import build_train_stream, load_manifest
-    from trainer.diffusion import create_diffusion
     from trainer.models.unet import build_unet
+    from trainer.sampling import base_diffusion
 
     device = torch.device(args.device)
     cfg = load_config(ROOT / CIFAR_CONFIG, train_overrides(args, Path(args.data), Path(args.work)))
@@ -223,16 +223,7 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
     )
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
-    d = cfg.diffusion
-    diffusion = create_diffusion(
-        steps=d.steps,
-        schedule=d.schedule,
-        mean_type=d.mean_type,
-        var_type=d.var_type,
-        loss=d.loss,
-        vlb_weight=d.vlb_weight,
-        respacing="",
-    )
+    diffusion = base_diffusion(cfg)
     # Decoded batches from the same stream, already on the device: the bare loop never waits for data.
     stream = build_train_stream(cfg.data.model_copy(update={"num_workers": 0}), manifest, rank=0, world_size=1)
     batches = [next(stream)[0].to(device) for _ in range(min(8, args.warmup + args.steps))]

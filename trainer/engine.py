@@ -81,8 +81,9 @@ class StepGate:
     """Lets the trainer skip one whole optimizer step from outside DeepSpeed.
 
     DeepSpeed applies a NaN update in fp32 and skips it in bf16; the trainer wants the same, decided
-    by all ranks, in both. With ``skip`` set, :class:`GatedAdamW` leaves weights and moments untouched
-    and :class:`GatedLambdaLR` does not advance, so the LR schedule stays in step with the optimizer.
+    by all ranks, in both. With ``skip`` set, the optimizer patched by :func:`gate_optimizer` leaves
+    weights and moments untouched and :class:`GatedLambdaLR` does not advance, so the LR schedule
+    stays in step with the optimizer.
     DeepSpeed still zeroes the gradients as after any step."""
 
     def __init__(self) -> None:
@@ -118,7 +119,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, gate: StepGate | None = No
     ``train.compile`` compiles the module through DeepSpeed's ``engine.compile``."""
     import deepspeed
 
-    cuda = next(model.parameters()).is_cuda or torch.cuda.is_available()
+    # The model is still on the CPU here (DeepSpeed moves it); trainer.distributed picks CUDA when present.
+    cuda = torch.cuda.is_available()
     adamw = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True if cuda else None
     )

@@ -35,13 +35,12 @@ from trainer import distributed, preemption, runtime
 from trainer.checkpoint import EXPORT_NAME, CheckpointError, CheckpointManager, RNGState, export_weights
 from trainer.config import Config, ConfigError, dump_config, load_config
 from trainer.data import DataError, build_train_stream, load_manifest
-from trainer.diffusion import create_diffusion
 from trainer.ema import EMA
 from trainer.engine import StepGate, build_engine, model_fn
 from trainer.metrics import LossWindow
 from trainer.models.unet import build_unet, count_parameters, estimate_flops_per_image
 from trainer.nonfinite import NonFiniteGuard
-from trainer.sampling import generate_grid
+from trainer.sampling import base_diffusion, generate_grid
 from trainer.timesteps import (
     create_timestep_sampler,
     plot_timestep_importance,
@@ -202,15 +201,7 @@ class Trainer:
         self.n_params = count_parameters(model)
         self.flops = estimate_flops_per_image(model, self.manifest.image_size, self.manifest.channels, self.num_classes)
         self._seed_rank_stream(step=0)
-        self.diffusion = create_diffusion(
-            steps=cfg.diffusion.steps,
-            schedule=cfg.diffusion.schedule,
-            mean_type=cfg.diffusion.mean_type,
-            var_type=cfg.diffusion.var_type,
-            loss=cfg.diffusion.loss,
-            vlb_weight=cfg.diffusion.vlb_weight,
-            respacing="",
-        )
+        self.diffusion = base_diffusion(cfg)
         self.gate = StepGate()
         self.engine = build_engine(cfg, model, self.gate)
         self.call = model_fn(self.engine)
