@@ -3,7 +3,8 @@
 Variants:
 
 - ``trainer``: the real :class:`trainer.main.Trainer`: DeepSpeed engine (ZeRO-0, fp32), the webdataset
-  train stream (PNG decode in the training process, ``num_workers: 0`` as in the quickstart), EMA, the
+  train stream (``--trainer-workers`` loader processes, default 1: PNG decode beside the training process, as
+  on a GPU node where it defaults to 4; 0 decodes in the training process, as the 2-core quickstart does), EMA, the
   non-finite guard, importance sampling (``loss-second-moment`` with a pre-filled history, so p_t is
   non-uniform and every step folds new losses), the hybrid loss, and MLflow tracking to a sqlite store
   in a temp dir. Each step is what ``Trainer.fit`` does per kept step: ``train_step()`` then
@@ -58,9 +59,10 @@ FAR = 10**9  # a cadence beyond any benchmark run: no checkpoint, grid or plot i
 RESULT_PREFIX = "RESULT "
 
 
-def overrides(data: Path, work: Path, batch: int) -> list[str]:
+def overrides(data: Path, work: Path, batch: int, workers: int = 0) -> list[str]:
     return [
         f"data.root={data}",
+        f"data.num_workers={workers}",
         f"data.batch_size={batch}",
         "train.precision=fp32",
         "train.zero_stage=0",
@@ -189,7 +191,8 @@ def build_trainer(args: argparse.Namespace, tracking: bool = True) -> tuple[Any,
     from trainer.main import Trainer
 
     extra = [] if tracking else ["tracking.enabled=false"]
-    cfg = load_config(ROOT / CONFIG, [*overrides(Path(args.data), Path(args.work), args.batch), *extra])
+    base = overrides(Path(args.data), Path(args.work), args.batch, args.trainer_workers)
+    cfg = load_config(ROOT / CONFIG, [*base, *extra])
     env = distributed.init_distributed()
     torch.set_num_threads(args.threads)
     trainer = Trainer(cfg, env)
@@ -225,8 +228,8 @@ def build_bare(args: argparse.Namespace, from_stream: bool, n_batches: int) -> A
 
     from trainer.config import load_config
     from trainer.data import build_train_stream, load_manifest
+    from trainer.inference import base_diffusion
     from trainer.models.unet import build_unet
-    from trainer.sampling import base_diffusion
 
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / CONFIG, overrides(Path(args.data), Path(args.work), args.batch))
@@ -386,6 +389,7 @@ def spawn(name: str, threads: int, data: Path, work: Path, args: argparse.Namesp
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--data", str(data), "--work", str(work)]
     cmd += ["--threads", str(threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--batch", str(args.batch), "--rounds", str(args.rounds), "--profile-top", str(args.profile_top)]
+    cmd += ["--trainer-workers", str(args.trainer_workers)]
     if not profile:
         cmd.append("--no-profile")
     # Thread count fixed before torch loads; the trainer then leaves it alone (OMP_NUM_THREADS is set).
@@ -516,7 +520,7 @@ def markdown(report: dict[str, Any]) -> str:
         if "trainer_data_wait_ms_per_step" in s:
             lines.append(
                 f"- {s['threads']} thread(s): the trainer waited {s['trainer_data_wait_ms_per_step']:.1f} ms/step "
-                "for its stream (PNG decode in the training process with `data.num_workers: 0`)."
+                f"for its stream (`data.num_workers: {report['trainer_workers']}`)."
             )
     prof = report.get("profile")
     if prof:
@@ -598,6 +602,7 @@ def parent(args: argparse.Namespace) -> None:
         "config": CONFIG,
         "params": params,
         "batch": args.batch,
+        "trainer_workers": args.trainer_workers,
         "mode": args.mode,
         "rounds": args.rounds,
         "steps": args.steps,
@@ -629,6 +634,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round (isolated: per run)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (isolated: per run)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--trainer-workers", type=int, default=1, help="the trainer's data.num_workers")
     p.add_argument(
         "--variants",
         nargs="+",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trainer.diffusion import GaussianDiffusion
-from trainer.sampling import base_diffusion, load_for_inference
+from trainer.inference import base_diffusion, load_for_inference
 
 QUICKSTART_RUN = "runs/quickstart"
 

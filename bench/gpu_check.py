@@ -207,8 +207,8 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
 
     from trainer.config import load_config
     from trainer.data import build_train_stream, load_manifest
+    from trainer.inference import base_diffusion
     from trainer.models.unet import build_unet
-    from trainer.sampling import base_diffusion
 
     device = torch.device(args.device)
     cfg = load_config(ROOT / CIFAR_CONFIG, train_overrides(args, Path(args.data), Path(args.work)))

@@ -84,9 +84,15 @@ class TrainingFailed(RuntimeError):
     """The trainer returned a failure status (the job then ends FAILED, not COMPLETED)."""
 
 
+ENTRIES = {"train": "trainer.main", "sample": "trainer.sample", "evaluate": "trainer.evaluate"}
+"""What a job can run: the module whose ``main(argv)`` every task calls."""
+
+
 @dataclass
 class TrainJob(Checkpointable):
-    """``trainer.main.main(["--config", config, "--resume", resume, *overrides])`` in a distributed task."""
+    """``trainer.main.main(["--config", config, "--resume", resume, *overrides])`` in a distributed task, or
+    with ``entry`` "sample" / "evaluate" that tool's ``main(entry_args)`` (both resume from their finished
+    parts when rerun, so a requeue continues them too)."""
 
     config: str
     """Absolute path of the YAML config."""
@@ -95,17 +101,29 @@ class TrainJob(Checkpointable):
     """``auto`` also on the first start: a requeue by SLURM itself (preemption) reuses this pickle."""
     omp_threads: int = 1
     """OMP_NUM_THREADS for each task unless the environment already sets it (cpus per task)."""
+    entry: str = "train"
+    entry_args: list[str] = field(default_factory=list)
+    """Arguments of ``trainer/sample.py`` or ``trainer/evaluate.py`` when ``entry`` names one of them."""
 
     def argv(self, resume: str | None = None) -> list[str]:
+        if self.entry != "train":
+            return list(self.entry_args)
         return ["--config", self.config, "--resume", resume or self.resume, *self.overrides]
+
+    def call(self) -> str:
+        """How each task calls the entry point (for --dry-run)."""
+        return f"{ENTRIES[self.entry]}.main({self.argv()!r})"
 
     def __call__(self) -> TaskReport:
         os.environ.setdefault("OMP_NUM_THREADS", str(self.omp_threads))
         dist_env = export_torch_env()
         job_env = submitit.JobEnvironment()
 
+        import importlib
+
         from trainer import distributed, preemption
-        from trainer.main import main
+
+        main = importlib.import_module(ENTRIES[self.entry]).main
 
         # A job requeued by SLURM (not by us) restarts from the pickle as submitted: resume anyway.
         resume = "auto" if distributed.restart_count() > 0 else self.resume
@@ -135,7 +153,7 @@ class TrainJob(Checkpointable):
             preemption.forward_to_previous_handler()
             return report
         if code != 0:
-            raise TrainingFailed(f"trainer.main returned {code} on rank {dist_env.rank}")
+            raise TrainingFailed(f"{ENTRIES[self.entry]} returned {code} on rank {dist_env.rank}")
         return report
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import io
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -36,7 +37,7 @@ import submitit
 from pydantic import ValidationError
 
 from cluster import monitor
-from cluster.job import TrainJob
+from cluster.job import ENTRIES, TrainJob
 from cluster.request import (
     RequestError,
     check_partition,
@@ -111,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--signal-delay-s", type=int, help="seconds before the limit at which SIGUSR2 arrives")
     m = p.add_argument_group("mode")
     m.add_argument("--resume", default="auto", help="auto (default), none, or a checkpoint path")
+    m.add_argument(
+        "--entry",
+        choices=sorted(ENTRIES),
+        default="train",
+        help="what the tasks run: train (default), or distributed sampling / evaluation of a trained run",
+    )
+    m.add_argument(
+        "--entry-args",
+        default="",
+        help='arguments of trainer/sample.py or trainer/evaluate.py, e.g. "runs/x --num-samples 50000"',
+    )
     m.add_argument("--dry-run", action="store_true", help="print the sbatch script and config; submit nothing")
     m.add_argument("--local", action="store_true", help="run here with submitit's local executor (implies --follow)")
     m.add_argument("--follow", action="store_true", help="tail rank 0's log until the job ends")
@@ -174,6 +186,12 @@ def preflight(cfg: Config, args: argparse.Namespace, partitions: Sequence[str] |
         check_partition(c.partition, partitions)
     if args.resume not in ("auto", "none") and not Path(args.resume).exists():
         raise SubmitError(f"--resume {args.resume}: no such checkpoint")
+    if args.entry != "train":
+        if not args.entry_args.strip():
+            raise SubmitError(f"--entry {args.entry} needs --entry-args (at least the run or export to use)")
+        return  # the tool reads its data (if any) from the run it is given
+    if args.entry_args:
+        raise SubmitError("--entry-args goes with --entry sample or evaluate (training takes config overrides)")
     manifest = Path(cfg.data.root) / "manifest.json"
     if not args.skip_data_check and not manifest.is_file():
         raise SubmitError(
@@ -188,6 +206,8 @@ def make_job(cfg: Config, args: argparse.Namespace) -> TrainJob:
         overrides=list(args.overrides),
         resume=args.resume,
         omp_threads=cfg.cluster.cpus_per_task,
+        entry=args.entry,
+        entry_args=shlex.split(args.entry_args),
     )
 
 
@@ -207,7 +227,7 @@ def dry_run(cfg: Config, job: TrainJob, out: TextIO | None = None) -> None:
     out.write(render_sbatch(params, folder))
     out.write(
         f"\n# ---- each of the {world_size(c)} tasks ({c.nodes} nodes x {tasks_per_node(c)}) runs ----\n"
-        f"# trainer.main.main({job.argv()!r})\n"
+        f"# {job.call()}\n"
         "# with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM, "
         f"OMP_NUM_THREADS={job.omp_threads}\n"
         f"# binding: {gpu_binding(c).description}\n"

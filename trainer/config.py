@@ -84,6 +84,12 @@ class ModelConfig(_Section):
     """Resample with ResBlocks (BigGAN style) instead of strided / nearest + conv layers."""
     class_cond: bool = False
     """Class-conditional embedding (plus a null class for unconditional use)."""
+    label_dropout: float = 0.1
+    """With ``class_cond``: the fraction of training labels replaced by the null class (each label
+    independently, drawn per micro-batch), so that the null class is trained and the model can sample
+    unconditionally and with classifier-free guidance (Ho & Salimans 2022, who use 0.1-0.2; see
+    ``trainer/guidance.py``). 0 never trains the null class. In [0, 1); no effect when ``class_cond``
+    is false."""
     use_checkpoint: bool = False
     """Activation (gradient) checkpointing per block."""
     channels_last: bool = False
@@ -96,6 +102,16 @@ class ModelConfig(_Section):
     def _positive_mults(cls, v: list[int]) -> list[int]:
         if any(m <= 0 for m in v):
             raise ValueError(f"every multiplier must be > 0, got {v}")
+        return v
+
+    @field_validator("label_dropout")
+    @classmethod
+    def _dropout_is_a_fraction(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(
+                "must lie in [0, 1): it is the fraction of training labels replaced by the null class "
+                "(1 would never train the conditional model)"
+            )
         return v
 
 
@@ -166,6 +182,28 @@ class TrainConfig(_Section):
     """Optimizer steps between sample grids during training; 0 samples only at the end."""
     importance_plot_every: int = Field(0, ge=0)
     """Steps between timestep-importance plots; 0 uses ``ckpt_every``."""
+    eval_every: int = Field(0, ge=0)
+    """Optimizer steps between evaluations logged to MLflow as ``eval/*`` against the step (the last step
+    evaluates too); 0: off. Each one uses the EMA weights (the first of ``ema_rates``): a bits/dim estimate on
+    validation images and, with ``eval_features`` and ``eval_reference``, FID/precision/recall/KID of fresh
+    samples (``trainer/periodic_eval.py``). Training is unchanged by it: it draws only from its own generators."""
+    eval_images: int = Field(256, gt=0)
+    """Validation images for the bits/dim estimate: the first N of the ``val`` split in manifest order (all of
+    it when smaller), the same at every evaluation and on any number of ranks."""
+    eval_timesteps: int = Field(50, gt=0)
+    """K for the bits/dim estimate: t = 1..T-1 is cut into K equal strata; each image gets one t per stratum,
+    drawn uniformly within it (fixed seed: the same at every evaluation) and weighted by the stratum's size,
+    plus the decoder term t = 0: K + 1 network calls per image instead of T, an unbiased estimate of the
+    bound. Capped at T-1, where the estimate is the exact bound."""
+    eval_features: str | None = None
+    """Feature network for FID during training (``trainer.features.load_feature_net``: ``inception``,
+    ``inception:/path.pth`` or a .pt/.pth file); set together with ``eval_reference``, or neither."""
+    eval_reference: str | None = None
+    """Reference statistics ``.npz`` (``trainer/evaluate.py stats``) computed with ``eval_features``."""
+    eval_fid_samples: int = Field(2000, gt=1)
+    """Images sampled (with ``sample.method``) for each FID evaluation, the same noise every time."""
+    eval_sample_steps: str = "ddim50"
+    """Respacing of the FID samples, in ``sample.steps`` syntax ("ddim50", "50", ...)."""
     max_bad_steps: int = Field(20, gt=0)
     """Consecutive optimizer steps with a non-finite loss or gradient (each skipped on every rank) after
     which the run stops with an error; the newest checkpoint, whose weights are finite, stays latest."""
@@ -187,6 +225,22 @@ class TrainConfig(_Section):
         if any(not 0.0 < r < 1.0 for r in v):
             raise ValueError(f"every EMA rate must lie in (0, 1), got {v}")
         return v
+
+    @field_validator("eval_sample_steps", mode="before")
+    @classmethod
+    def _eval_steps_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _fid_needs_features_and_reference(self) -> TrainConfig:
+        if (self.eval_features is None) != (self.eval_reference is None):
+            names = ("eval_features", "eval_reference")
+            given, absent = names if self.eval_reference is None else names[::-1]
+            raise ValueError(
+                f"{given} is set without {absent}: FID during training needs both (a feature network and "
+                "reference statistics computed with it), or neither"
+            )
+        return self
 
 
 class SampleConfig(_Section):
@@ -291,6 +345,22 @@ class Config(_Section):
             reason = str(err).removeprefix(f"respacing {spec.strip()!r}: ")
             # The parser's own message names T where T is the problem ("... of 100 steps", "(T = 100)").
             raise ValueError(f"sample.steps: {reason} (got {spec!r})") from None
+        return self
+
+    @model_validator(mode="after")
+    def _eval_sample_steps_fit_schedule(self) -> Config:
+        # Only where FID runs during training: "ddim50" is the default and wrong for a small T.
+        from trainer.diffusion.respace import space_timesteps
+
+        t = self.train
+        if not (t.eval_every and t.eval_features):
+            return self
+        spec = t.eval_sample_steps
+        try:
+            space_timesteps(self.diffusion.steps, spec)
+        except ValueError as err:
+            reason = str(err).removeprefix(f"respacing {spec.strip()!r}: ")
+            raise ValueError(f"train.eval_sample_steps: {reason} (got {spec!r})") from None
         return self
 
     @property

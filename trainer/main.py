@@ -37,10 +37,12 @@ from trainer.config import Config, ConfigError, dump_config, load_config
 from trainer.data import DataError, build_train_stream, load_manifest
 from trainer.ema import EMA
 from trainer.engine import StepGate, build_engine, model_fn
+from trainer.guidance import drop_labels
+from trainer.inference import base_diffusion, generate_grid
 from trainer.metrics import LossWindow
 from trainer.models.unet import build_unet, count_parameters, estimate_flops_per_image
 from trainer.nonfinite import NonFiniteGuard
-from trainer.sampling import base_diffusion, generate_grid
+from trainer.periodic_eval import PeriodicEval
 from trainer.timesteps import (
     create_timestep_sampler,
     plot_timestep_importance,
@@ -184,6 +186,9 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.train.output_dir)
         self.manifest = load_manifest(cfg.data.root)  # before anything is written: a bad root leaves nothing
+        # train.eval_every (None when off): its validation images, feature network and reference are read now,
+        # so a missing file stops the run here too. It never draws from the global RNG.
+        self.evaluator = PeriodicEval.create(cfg, env, self.manifest)
         _prepare_output_dir(self.out, env)
 
         self.num_classes = self.manifest.num_classes if cfg.model.class_cond else None
@@ -421,7 +426,11 @@ class Trainer:
         for micro in range(accum):
             x, y = next(self.stream)
             x = x.to(env.device, non_blocking=True)
-            kwargs = {"y": y.to(env.device)} if self.num_classes else {}
+            kwargs: dict[str, torch.Tensor] = {}
+            if self.num_classes:
+                # Label dropout trains the null class (unconditional and guided sampling); the mask is
+                # drawn on the device from the global RNG, which the checkpoint saves (exact resume).
+                kwargs["y"] = drop_labels(y.to(env.device), self.cfg.model.label_dropout, self.num_classes)
             t, weights = self.sampler.sample(x.shape[0])
             terms = self.diffusion.training_losses(self.call, x, t, model_kwargs=kwargs)
             loss = (terms["loss"] * weights).mean()
@@ -520,6 +529,10 @@ class Trainer:
             self.log_importance()
         if cfg.train.sample_every and st.step % cfg.train.sample_every == 0 and st.step != total:
             self.sample_grid()
+        if self.evaluator is not None and (st.step % cfg.train.eval_every == 0 or st.step == total):
+            t_eval = time.perf_counter()
+            self.evaluator.run(st.step, self.ema, self.tracker)  # collective; after the save (it can be slow)
+            self.t_window += time.perf_counter() - t_eval  # train/steps_per_s measures training alone
         return saved_at
 
     def _log_metrics(self) -> None:

@@ -43,3 +43,32 @@ def test_local_executor_runs_the_same_path(digits_shards: Path, tmp_path: Path) 
     assert reports[0].master_port == reports[1].master_port
     _, run = mlflow_single_run(uri, "local")
     assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+
+
+def test_local_executor_samples_on_two_tasks(digits_shards: Path, tmp_path: Path) -> None:
+    """``--entry sample``: the distributed sampler as the job's tasks, merged by rank 0."""
+    import json
+    import sys
+
+    import numpy as np
+
+    from tests.conftest import run_cmd
+
+    run = tmp_path / "run"
+    train = [sys.executable, "trainer/main.py", "--config", "configs/quickstart.yaml", *TINY]
+    proc = run_cmd([*train, f"data.root={digits_shards}", f"train.output_dir={run}", "train.total_steps=2",
+                    "tracking.enabled=false"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = tmp_path / "samples"
+    entry_args = f"{run} --num-samples 6 --batch-size 2 --method ddim --steps 3 --out {samples} --no-mlflow"
+    launch = Launch(
+        [
+            "--config", "configs/quickstart.yaml", "--local", "--tasks-per-node", "2", "--cpus-per-task", "1",
+            "--folder", str(tmp_path / "local" / "%j"), "--entry", "sample", "--entry-args", entry_args,
+        ]
+    )  # fmt: skip
+    code = launch.wait(timeout=300)
+    assert code == 0, launch.text[-4000:]
+    assert np.load(samples / "samples.npz")["arr_0"].shape == (6, 16, 16, 1)
+    summary = json.loads((samples / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["made_now"] == 6

@@ -480,3 +480,14 @@ def test_status_lists_recorded_jobs_with_state_and_run(tmp_path: Path, capsys: p
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["JOB", "NAME", "EXEC", "STATE"]
     assert table[1].split()[:4] == ["101", "q", "local", "COMPLETED"]
+
+
+def test_dry_run_sampling_entry(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["--config", str(QUICKSTART), f"data.root={tmp_path}/none", "--dry-run", "--entry", "sample"]
+    code, out, err = run_main([*argv, "--entry-args", "runs/x --num-samples 50000 --method ddim --steps 50"], capsys)
+    assert code == 0, err  # no data check: the sampler reads nothing but the run's export
+    assert "# trainer.sample.main(['runs/x', '--num-samples', '50000', '--method', 'ddim', '--steps', '50'])" in out
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and err.strip() == "error: --entry sample needs --entry-args (at least the run or export to use)"
+    code, _, err = run_main(["--config", str(QUICKSTART), "--dry-run", "--entry-args", "x"], capsys)
+    assert code == 2 and err.strip().startswith("error: --entry-args goes with --entry sample or evaluate")

@@ -8,7 +8,14 @@
 Rank and world size are parameters; nothing here reads RANK/WORLD_SIZE from the environment.
 """
 
-from trainer.data.eval_stream import EvalStream, batch_sizes, build_eval_stream, rank_segments
+from trainer.data.eval_stream import (
+    EvalStream,
+    batch_sizes,
+    build_eval_stream,
+    rank_segments,
+    read_ranges,
+    split_size,
+)
 from trainer.data.manifest import DatasetInfo, expand_shard_spec, load_manifest
 from trainer.data.reading import DataError, OnError
 from trainer.data.train_stream import TrainStream, WorkerPosition, build_train_stream, stream_seed
@@ -26,5 +33,7 @@ __all__ = [
     "expand_shard_spec",
     "load_manifest",
     "rank_segments",
+    "read_ranges",
+    "split_size",
     "stream_seed",
 ]

@@ -23,6 +23,7 @@ from data_prep.manifest import MANIFEST_NAME
 from trainer.config import DataConfig
 from trainer.data.manifest import DatasetInfo, split_urls
 from trainer.data.reading import (
+    DataError,
     Problems,
     Spec,
     Stats,
@@ -46,6 +47,8 @@ class _Segment:
     """Samples this rank reads after ``skip`` (None: to the end; used when counts are unknown)."""
     expected: int | None
     """Samples the shard holds according to the manifest."""
+    first: int = -1
+    """Position in the split of the first sample taken (-1: unknown, the counts are not listed)."""
 
 
 class _EvalDataset(IterableDataset):
@@ -61,10 +64,17 @@ class _EvalDataset(IterableDataset):
         images: list[np.ndarray] = []
         labels: list[int] = []
         keys: list[str] = []
+        positions: list[int] = []
 
         def chunk() -> tuple[Any, ...]:
             info = {"worker": worker, **problems.counts()}
-            return to_tensor(images), torch.tensor(labels, dtype=torch.long), info, list(keys)
+            return (
+                to_tensor(images),
+                torch.tensor(labels, dtype=torch.long),
+                info,
+                list(keys),
+                torch.tensor(positions, dtype=torch.long),
+            )
 
         for seg in self.segments[worker::num_workers]:
             end = None if seg.take is None else seg.skip + seg.take
@@ -77,9 +87,10 @@ class _EvalDataset(IterableDataset):
                         images.append(decoded[0])
                         labels.append(decoded[1])
                         keys.append(sample.get("__key__", ""))
+                        positions.append(seg.first + index - 1 - seg.skip if seg.first >= 0 else -1)
                         if len(images) == self.batch_size:
                             yield chunk()
-                            images, labels, keys = [], [], []
+                            images, labels, keys, positions = [], [], [], []
                 if end is not None and index >= end:
                     break
             if end is not None and index < end and seg.expected is not None:
@@ -88,7 +99,8 @@ class _EvalDataset(IterableDataset):
         if images:
             yield chunk()
         # A worker that had nothing to read still reports its counters.
-        yield torch.empty(0), torch.empty(0, dtype=torch.long), {"worker": worker, **problems.counts()}, []
+        empty = torch.empty(0, dtype=torch.long)
+        yield torch.empty(0), empty, {"worker": worker, **problems.counts()}, [], empty
 
 
 class EvalStream:
@@ -115,7 +127,7 @@ class EvalStream:
         while True:
             t0 = time.perf_counter()
             try:
-                x, y, info, keys = next(it)
+                x, y, info, keys, _ = next(it)
             except StopIteration:
                 return
             self._stats.record(0, time.perf_counter() - t0, info)
@@ -190,14 +202,43 @@ def batch_sizes(n: int, num_batches: int, batch_size: int) -> list[int]:
 def rank_segments(urls: list[str], counts: list[int], rank: int, world_size: int) -> list[_Segment]:
     """The shards (with skip/take) covering rank's contiguous share [r·N/W, (r+1)·N/W) of the samples."""
     total = sum(counts)
-    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    return range_segments(urls, counts, rank * total // world_size, (rank + 1) * total // world_size)
+
+
+def range_segments(urls: list[str], counts: list[int], lo: int, hi: int) -> list[_Segment]:
+    """The shards (with skip/take) covering the split's samples [lo, hi) in manifest order."""
     segments, start = [], 0
     for url, count in zip(urls, counts, strict=True):
         a, b = max(lo, start), min(hi, start + count)
         if a < b:
-            segments.append(_Segment(url, a - start, b - a, count))
+            segments.append(_Segment(url, a - start, b - a, count, first=a))
         start += count
     return segments
+
+
+def split_size(cfg: DataConfig, info: DatasetInfo, split: str) -> int:
+    """Samples in ``split`` according to the manifest (DataError when its shards are not all counted)."""
+    urls = split_urls(cfg, info, split)
+    missing = [u for u in urls if u not in info.shard_counts]
+    if missing:
+        raise DataError(f"{info.root}/{MANIFEST_NAME}: no sample count for {missing[0]} (re-run data_prep make)")
+    return sum(info.shard_counts[u] for u in urls)
+
+
+def read_ranges(
+    cfg: DataConfig, info: DatasetInfo, split: str, ranges: list[tuple[int, int]]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(x, y, position)`` chunks of the split's samples in ``ranges`` (positions in manifest order).
+
+    With several loader workers chunks arrive interleaved; a caller that needs whole ranges groups the
+    samples by position. Samples lost to corrupt data are simply absent (and counted in the log)."""
+    urls = split_urls(cfg, info, split)
+    counts = [info.shard_counts[u] for u in urls]
+    segments = [seg for lo, hi in ranges for seg in range_segments(urls, counts, lo, hi)]
+    dataset = _EvalDataset(segments, spec_for(cfg, info), cfg.batch_size, return_keys=False)
+    for x, y, _, _, pos in make_loader(dataset, cfg):
+        if x.shape[0]:
+            yield x, y, pos
 
 
 def build_eval_stream(

@@ -1,15 +1,23 @@
-"""Sampling from a set of weights: shared by the trainer's end-of-run grid and ``trainer/sample.py``."""
+"""Loading a run's weights for inference, and sampling from them.
+
+One loading path for ``trainer/sample.py``, ``trainer/evaluate.py`` and the trainer's end-of-run grid:
+an export file (or the newest under a run directory) → config, UNet, metadata; every problem with it is
+one line (:data:`CLI_ERRORS`). Not to be confused with ``trainer/timesteps.py``, which samples *timesteps*
+for training."""
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError, SampleConfig
 from trainer.diffusion import GaussianDiffusion, create_diffusion
 from trainer.diffusion.samplers import generate
 from trainer.images import grid_png, to_uint8
@@ -125,24 +133,40 @@ def sample_images(
             y = labels[start : start + n].to(device)
             kwargs["y"] = y
             ys.append(y.cpu())
-        x = generate(
-            model,
-            diffusion,
-            method=s.method,
-            respacing=s.steps,
-            shape=(n, *shape),
-            device=device,
-            model_kwargs=kwargs,
-            generator=gen,
-            clip_denoised=s.clip_denoised,
-            eta=s.eta,
-            churn=s.churn,
-            progress=progress,
-        )
-        out.append(to_uint8(x))
+        out.append(generate_uint8(model, diffusion, s, (n, *shape), device, kwargs, gen, progress))
     arr = np.concatenate(out)
     lab = torch.cat(ys).numpy() if ys else np.zeros(len(arr), dtype=np.int64)
     return arr, lab
+
+
+def generate_uint8(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    s: SampleConfig,
+    shape: tuple[int, ...],
+    device: torch.device,
+    model_kwargs: dict[str, Any],
+    generator: torch.Generator,
+    progress: Callable[[int, int], None] | None = None,
+    respacing: str | None = None,
+) -> np.ndarray:
+    """One batch of ``shape`` (N, C, H, W) with the sampler settings ``s`` (``respacing`` replaces
+    ``s.steps``), as uint8 NHWC."""
+    x = generate(
+        model,
+        diffusion,
+        method=s.method,
+        respacing=s.steps if respacing is None else respacing,
+        shape=shape,
+        device=device,
+        model_kwargs=model_kwargs,
+        generator=generator,
+        clip_denoised=s.clip_denoised,
+        eta=s.eta,
+        churn=s.churn,
+        progress=progress,
+    )
+    return to_uint8(x)
 
 
 def generate_grid(
@@ -219,3 +243,75 @@ def _one_line(err: Exception) -> Exception:
     if not marker or detail is None:
         return CheckpointError(lines[0])
     return CheckpointError(f"{head}: unreadable ({detail.split('. ')[0].rstrip('.')})")
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference and what the CLIs need to know about it."""
+
+    cfg: Config
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    """The export's metadata plus ``step``, ``path`` and ``weights`` ("ema 0.9999" or "raw")."""
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta["channels"])
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.meta["num_classes"]
+
+
+def add_weights_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every inference CLI takes to pick the weights (and where they run)."""
+    p.add_argument("checkpoint", help="export.pt, a checkpoint directory, or a run's output directory")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--ema-rate", type=float, default=None, help="which EMA (default: sample.ema_rate)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: the rank's device)")
+
+
+def load_for_cli(args: argparse.Namespace, device: torch.device, sample: dict[str, Any] | None = None) -> Loaded:
+    """:func:`load_for_inference` with the arguments of :func:`add_weights_arguments`."""
+    cfg, model, meta = load_for_inference(args.checkpoint, not args.raw, args.ema_rate, device, sample=sample)
+    return Loaded(cfg, model, meta)
+
+
+def _cli_errors() -> tuple[type[Exception], ...]:
+    from data_prep.manifest import ManifestError
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.parts import PartsError
+
+    return (CheckpointError, ConfigError, ManifestError, DataError, PartsError, FileNotFoundError)
+
+
+CLI_ERRORS = _cli_errors()
+"""What an inference CLI reports as ``error: <one line>`` with exit status 2."""
+
+
+def run_cli(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Any], int],
+    errors: tuple[type[Exception], ...] = CLI_ERRORS,
+) -> int:
+    """An inference CLI's body under the launcher's process group: ``run(args, env)``, with ``errors`` as
+    one ``error:`` line and exit status 2, and the group shut down however it ends."""
+    from trainer import distributed
+
+    try:
+        env = distributed.init_distributed(args.timeout_min)
+    except distributed.LauncherError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, env)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
