@@ -13,12 +13,52 @@ import torch
 
 from trainer.config import Config, ConfigError
 
+ZERO_BUCKET_FRACTION = 16
+"""ZeRO's communication buckets and ZeRO-3's prefetch/reuse windows hold 1/16 of the model's elements."""
+ZERO_MIN_BUCKET = 1_000_000
+"""Below this many elements per bucket collectives get latency-bound: small models keep one bucket."""
+DEEPSPEED_ZERO_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+}
+"""DeepSpeed 0.19's defaults (elements), sized for billion-parameter models."""
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed config: a user JSON (optional) under the values derived from our YAML, under
-    ``train.deepspeed`` overrides. Batch size, accumulation, clipping, ZeRO stage and precision come
-    from our config so that one file describes the run."""
+
+def zero_buffer_sizes(n_params: int) -> dict[str, int]:
+    """ZeRO buffer and window sizes (elements) scaled to a model of ``n_params`` parameters, never above
+    DeepSpeed's defaults.
+
+    With DeepSpeed's defaults a model under ~0.5B parameters fits in one bucket and one window, and the
+    partitioning saves nothing at the peak: ZeRO 2/3 copy the whole model's gradient into the reduce
+    bucket before reducing it (a full fp32 gradient per rank; on a GPU the bucket is allocated at its
+    full 5e8 elements, 2 GB fp32, whatever the model), ZeRO-3 prefetches the whole model and keeps every
+    gathered parameter from its forward use to its backward use (max reuse distance 1e9 elements), so a
+    full copy of the weights is live through each step. Scaled, a bucket or window is 1/16 of a full copy
+    and ZeRO-3 keeps at most 1/4 of the weights gathered (a user can trade memory back for fewer
+    collectives by setting these keys in the DeepSpeed JSON or ``train.deepspeed``)."""
+    # A multiple of 1024: ZeRO 1/2 require an even allgather bucket (4-byte alignment of fp16 halves).
+    bucket = max(ZERO_MIN_BUCKET, 1024 * math.ceil(n_params / ZERO_BUCKET_FRACTION / 1024))
+    sizes = {
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "stage3_prefetch_bucket_size": bucket,
+        "stage3_max_reuse_distance": bucket,
+        "stage3_max_live_parameters": 4 * bucket,
+    }
+    return {k: min(v, DEEPSPEED_ZERO_DEFAULTS[k]) for k, v in sizes.items()}
+
+
+def deepspeed_config(cfg: Config, n_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config: ZeRO buffer sizes scaled to the model (``n_params``, when given) under a user
+    JSON (optional) under the values derived from our YAML, under ``train.deepspeed`` overrides. Batch
+    size, accumulation, clipping, ZeRO stage and precision come from our config so that one file
+    describes the run; sizes set in the JSON or ``train.deepspeed`` win over the scaled ones."""
     base = read_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else {}
+    if n_params is not None:
+        base = _merge({"zero_optimization": zero_buffer_sizes(n_params)}, base)
     stage = cfg.train.zero_stage
     if stage is None:
         stage = base.get("zero_optimization", {}).get("stage", 2)
@@ -129,7 +169,10 @@ def build_engine(cfg: Config, model: torch.nn.Module, gate: StepGate | None = No
         optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.total_steps, cfg.train.lr_schedule)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, n_params=sum(p.numel() for p in model.parameters())),
     )
     if cfg.train.compile:
         engine.compile()
