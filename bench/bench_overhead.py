@@ -3,8 +3,8 @@
 Variants:
 
 - ``trainer``: the real :class:`trainer.main.Trainer`: DeepSpeed engine (ZeRO-0, fp32), the webdataset
-  train stream (``--trainer-workers`` loader processes, default 1: PNG decode beside the training process, as
-  on a GPU node where it defaults to 4; 0 decodes in the training process, as the 2-core quickstart does), EMA, the
+  train stream (``--trainer-workers`` loader processes; default 0: PNG decode in the training process, as the
+  2-core quickstart does; a GPU node defaults to 4 workers), EMA, the
   non-finite guard, importance sampling (``loss-second-moment`` with a pre-filled history, so p_t is
   non-uniform and every step folds new losses), the hybrid loss, and MLflow tracking to a sqlite store
   in a temp dir. Each step is what ``Trainer.fit`` does per kept step: ``train_step()`` then
@@ -520,7 +520,7 @@ def markdown(report: dict[str, Any]) -> str:
         if "trainer_data_wait_ms_per_step" in s:
             lines.append(
                 f"- {s['threads']} thread(s): the trainer waited {s['trainer_data_wait_ms_per_step']:.1f} ms/step "
-                f"for its stream (`data.num_workers: {report['trainer_workers']}`)."
+                f"for its stream (`data.num_workers: {report.get('trainer_workers', 0)}`)."
             )
     prof = report.get("profile")
     if prof:
@@ -634,7 +634,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round (isolated: per run)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (isolated: per run)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--trainer-workers", type=int, default=1, help="the trainer's data.num_workers")
+    p.add_argument("--trainer-workers", type=int, default=0, help="the trainer's data.num_workers")
     p.add_argument(
         "--variants",
         nargs="+",
