@@ -273,6 +273,8 @@ def add_weights_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--ema-rate", type=float, default=None, help="which EMA (default: sample.ema_rate)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: the rank's device)")
+    # The deepspeed launcher appends --local_rank=N to the script's arguments; LOCAL_RANK says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def load_for_cli(args: argparse.Namespace, device: torch.device, sample: dict[str, Any] | None = None) -> Loaded:

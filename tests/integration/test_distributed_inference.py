@@ -39,11 +39,14 @@ def export(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return path
 
 
-def launch(script: str, args: list[str], nproc: int) -> list[str]:
+def launch(script: str, args: list[str], nproc: int, launcher: str = "torchrun") -> list[str]:
     if nproc == 1:
         return [sys.executable, script, *args]
     from trainer.distributed import free_port
 
+    if launcher == "deepspeed":  # appends --local_rank=N to the script's arguments
+        deepspeed = str(Path(sys.executable).parent / "deepspeed")
+        return [deepspeed, f"--num_gpus={nproc}", f"--master_port={free_port()}", script, *args]
     return [
         sys.executable,
         "-m",
@@ -85,9 +88,10 @@ def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return proc
 
 
-def test_sampling_on_two_ranks_equals_one_process(export: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_sampling_on_two_ranks_equals_one_process(export: Path, tmp_path: Path, launcher: str) -> None:
     ok(run_cmd(launch("trainer/sample.py", sample_args(export, tmp_path / "one"), 1)))
-    ok(run_cmd(launch("trainer/sample.py", sample_args(export, tmp_path / "two"), 2)))
+    ok(run_cmd(launch("trainer/sample.py", sample_args(export, tmp_path / "two"), 2, launcher)))
     one = np.load(tmp_path / "one" / "samples.npz")["arr_0"]
     two = np.load(tmp_path / "two" / "samples.npz")["arr_0"]
     assert one.shape == (10, 16, 16, 1) and one.dtype == np.uint8
