@@ -126,8 +126,18 @@ class DiffusionConfig(_Section):
     """λ in L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021, eq. 16)."""
     timestep_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
     """How t is drawn: uniformly, or with p_t ∝ sqrt(E[L_t²]) from a loss history shared by all ranks
-    (Nichol & Dhariwal 2021, eq. 18; see ``trainer/timesteps.py``). The history is fed the per-sample
-    unweighted L_vlb term, so ``loss-second-moment`` needs loss ``hybrid`` or ``kl``."""
+    (Nichol & Dhariwal 2021, eq. 18; see ``trainer/timesteps.py``). What the history is fed is
+    ``history_term``; with loss ``mse`` only ``history_term: loss`` is allowed."""
+    history_term: Literal["vb", "loss"] = "vb"
+    """What the loss-second-moment history is fed, per sample and unweighted (before 1/(T p_t)):
+    "vb": the L_vlb term L_t in bits/dim (the part of the hybrid objective whose noise the paper's importance
+    sampling targets; the paper found no gain for L_hybrid); "loss": the per-sample loss being optimised
+    (mse + λ·T·L_t under hybrid, L_simple under mse, T·L_t under kl), improved-diffusion's choice
+    (``losses["loss"]``). Under ``kl`` both give the same p_t (the history scales by T). Either way the
+    weights multiply the whole loss, so the objective's estimate stays unbiased; only its variance differs.
+    The default is to be set by experiment 4 of ``bench/experiments/run.py`` (L_hybrid: uniform vs
+    importance sampling fed "vb" vs fed "loss"; see ``configs/experiments/``); until it has run, "vb" is kept.
+    No effect with ``timestep_sampler: uniform``."""
     history_per_term: int = Field(10, gt=0)
     """N: recent L_t values kept per t; t is drawn uniformly until every t has N of them."""
     uniform_prob: float = Field(0.001, ge=0.0, le=1.0)
@@ -147,10 +157,13 @@ class DiffusionConfig(_Section):
 
     @model_validator(mode="after")
     def _importance_sampling_needs_vlb(self) -> DiffusionConfig:
-        if self.timestep_sampler == "loss-second-moment" and self.loss == "mse":
+        # Under mse the L_vlb term is only monitored: a history of it would weight L_simple by how noisy
+        # a term that is not optimised is. A history of the optimised loss itself (L_simple) is coherent.
+        if self.timestep_sampler == "loss-second-moment" and self.loss == "mse" and self.history_term == "vb":
             raise ValueError(
-                "timestep_sampler 'loss-second-moment' needs loss 'hybrid' or 'kl' "
-                "(its history is fed the per-sample L_vlb term)"
+                "timestep_sampler 'loss-second-moment' with history_term 'vb' needs loss 'hybrid' or 'kl' "
+                "(its history is fed the L_vlb term, which loss 'mse' does not optimise); "
+                "with loss 'mse' set history_term 'loss'"
             )
         return self
 

@@ -436,9 +436,9 @@ class Trainer:
             loss = (terms["loss"] * weights).mean()
             self.guard.check_loss(loss)
             self.engine.backward(loss)
-            # The history tracks the unweighted per-sample L_vlb term: the paper's importance sampling
-            # targets L_vlb (and the config allows it only with the hybrid or kl objective).
-            self.sampler.record(t, terms["vb"].detach())
+            # The history tracks an unweighted per-sample term (diffusion.history_term): "vb", the L_vlb
+            # term the paper's importance sampling targets, or "loss", the per-sample loss being optimised.
+            self.sampler.record(t, terms[self.cfg.diffusion.history_term].detach())
             self.window.add(loss, terms, t, weights)
             if micro == accum - 1:
                 # One collective decides the step and the stop for all ranks before the optimizer runs.

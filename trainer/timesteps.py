@@ -7,6 +7,8 @@ so the estimate stays unbiased. Our losses are means over t (Σ_t L_t = T · E_{
 weight is 1/(T·p_t):  E_{t~p}[L(t) / (T p_t)] = Σ_t L(t) / T  for any per-sample loss L(t).
 
 Which loss feeds the history
+    The trainer feeds what ``diffusion.history_term`` names: "loss", the per-sample loss being optimised
+    (improved-diffusion's choice), or "vb", described here. With "vb",
     ``record(t, losses)`` takes the per-sample L_vlb term L_t, in bits/dim, exactly as the diffusion
     loss computes it for the drawn t (KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t)) for t > 0, the discretized
     decoder NLL for t = 0), detached, *unweighted*: before the 1/(T p_t) weight and before the λ·T

@@ -170,3 +170,42 @@ def test_lr_schedule_matches_closed_form() -> None:
     assert f(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.0, abs=1e-12)
     assert lr_lambda(0, 100, "constant")(57) == 1.0
+
+
+def test_history_term_key_and_validator() -> None:
+    from trainer.config import DiffusionConfig
+
+    assert DiffusionConfig().history_term == "vb"  # until experiment 4 decides (bench/experiments/run.py)
+    is_mse = {"timestep_sampler": "loss-second-moment", "loss": "mse", "var_type": "fixed_small"}
+    # Importance sampling of L_simple from a history of L_simple itself is allowed ...
+    assert DiffusionConfig(**is_mse, history_term="loss").history_term == "loss"
+    # ... from a history of the L_vlb term, which mse only monitors, it is not.
+    with pytest.raises(ValueError, match="with history_term 'vb' needs loss 'hybrid' or 'kl'"):
+        DiffusionConfig(**is_mse)
+    for loss in ("hybrid", "kl"):
+        for term in ("vb", "loss"):
+            cfg = load_config(None, [f"diffusion.loss={loss}", "diffusion.timestep_sampler=loss-second-moment",
+                                     f"diffusion.history_term={term}"])  # fmt: skip
+            assert cfg.diffusion.history_term == term
+    with pytest.raises(ConfigError, match="diffusion.history_term: Input should be 'vb' or 'loss'"):
+        load_config(None, ["diffusion.history_term=mse"])
+
+
+def test_experiment_configs_load() -> None:
+    """configs/experiments/: every arm of bench/experiments/run.py loads and is what its name says."""
+    expected = {
+        "hybrid_cosine": ("hybrid", "learned_range", "cosine", "uniform", "vb"),
+        "mse_fixed": ("mse", "fixed_large", "cosine", "uniform", "vb"),
+        "hybrid_linear": ("hybrid", "learned_range", "linear", "uniform", "vb"),
+        "kl_uniform": ("kl", "learned_range", "cosine", "uniform", "vb"),
+        "kl_importance": ("kl", "learned_range", "cosine", "loss-second-moment", "vb"),
+        "hybrid_importance_vb": ("hybrid", "learned_range", "cosine", "loss-second-moment", "vb"),
+        "hybrid_importance_loss": ("hybrid", "learned_range", "cosine", "loss-second-moment", "loss"),
+    }
+    folder = REPO / "configs" / "experiments"
+    assert {p.stem for p in folder.glob("*.yaml")} == {*expected, "small"}
+    for arm, want in expected.items():
+        cfg = load_config(folder / f"{arm}.yaml")
+        d = cfg.diffusion
+        assert (d.loss, d.var_type, d.schedule, d.timestep_sampler, d.history_term) == want, arm
+        assert (d.steps, cfg.train.total_steps, cfg.train.precision) == (1000, 1000, "fp32"), arm
