@@ -281,7 +281,7 @@ def test_factory_and_config() -> None:
     assert (s.num_timesteps, s.history_per_term, s.uniform_prob) == (20, 3, 0.5)
     assert isinstance(sampler_from_config(DiffusionConfig(steps=20)), UniformSampler)
     with pytest.raises(ValueError, match="needs loss 'hybrid' or 'kl'"):
-        DiffusionConfig(timestep_sampler="loss-second-moment", loss="mse", var_type="fixed_small")
+        DiffusionConfig(timestep_sampler="loss-second-moment", loss="mse", var_type="fixed_small", history_term="vb")
 
 
 # --------------------------------------------------------------------------- observability
