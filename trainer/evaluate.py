@@ -33,12 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from trainer import distributed
 from trainer.config import ConfigError
 from trainer.data import load_manifest, read_ranges, split_size
-from trainer.inference import Loaded, add_weights_arguments, base_diffusion, load_for_cli, run_cli
+from trainer.inference import Loaded, add_weights_arguments, base_diffusion, load_for_cli, rank0_bar, run_cli
 from trainer.parts import PartStore, part_seed, split_range
 from trainer.tracking import log_to_run
 
@@ -122,14 +121,7 @@ def run_bpd(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     mine = store.assign(plan, env.rank, env.world_size, lambda v: distributed.broadcast_object(v, env.device))
     diffusion = base_diffusion(cfg)
     todo = sum(hi - lo for lo, hi in (ranges[k] for k in mine))
-    bar = tqdm(
-        total=todo,
-        desc=f"rank 0: bits/dim on {args.split}",
-        unit="img",
-        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
-        dynamic_ncols=True,
-        disable=not env.is_main,
-    )
+    bar = rank0_bar(todo, f"bits/dim on {args.split}", env.is_main)
     t0 = time.perf_counter()
     # Chunks arrive in any order (loader workers): gather each part's images by position, then run it.
     pending: dict[int, dict[int, tuple[torch.Tensor, int]]] = {k: {} for k in mine}

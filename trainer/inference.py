@@ -317,3 +317,17 @@ def run_cli(
         return 2
     finally:
         distributed.shutdown()
+
+
+def rank0_bar(total: int, desc: str, is_main: bool) -> Any:
+    """A tqdm bar in images on rank 0 (silent elsewhere); fractional updates show as whole images."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=f"rank 0: {desc}",
+        unit="img",
+        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
+        dynamic_ncols=True,
+        disable=not is_main,
+    )

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from trainer import distributed
 from trainer.images import grid_png
@@ -43,6 +42,7 @@ from trainer.inference import (
     base_diffusion,
     generate_uint8,
     load_for_cli,
+    rank0_bar,
     run_cli,
 )
 from trainer.parts import PartStore, part_seed, split_range
@@ -126,14 +126,7 @@ def run(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     diffusion = base_diffusion(loaded.cfg)
     shape = (loaded.channels, loaded.image_size, loaded.image_size)
     todo = sum(ranges[k][1] - ranges[k][0] for k in mine)
-    bar = tqdm(
-        total=todo,
-        desc=f"rank 0: {s.method} steps={s.steps or 'all'}",
-        unit="img",
-        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
-        dynamic_ncols=True,
-        disable=not env.is_main,
-    )
+    bar = rank0_bar(todo, f"{s.method} steps={s.steps or 'all'}", env.is_main)
     t0 = time.perf_counter()
     for k in mine:
         lo, hi = ranges[k]
