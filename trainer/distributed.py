@@ -274,13 +274,39 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def agree(flags: torch.Tensor) -> list[bool]:
-    """Per entry of a small float vector on the device: True on every rank when it is non-zero on at
-    least one (one MAX all-reduce, one host read)."""
+def all_max(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise MAX of ``flags`` over all ranks, in place, left on the device: no host read. On NCCL
+    the collective is queued on the stream, so the host does not wait for it either."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flags = flags.clone()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in flags.tolist()]
+    return flags
+
+
+class HostCopy:
+    """A small device tensor on its way to the host, read later without draining the device's queue.
+
+    Reading a CUDA tensor (``.item()``, ``.tolist()``, ``.cpu()``) waits for *all* work queued before the
+    read, so a read placed after the next step's kernels idles the GPU until they finish. Here the copy
+    into pinned memory is queued at once (non-blocking) with an event behind it; :meth:`get` waits for
+    that event only, i.e. for the work queued before the copy, which by then has long run. On the CPU
+    the tensor is already computed: a clone is kept. The tensor must not be written to before this copy
+    is queued (nothing later may change it: it is cloned on the CPU and copied in stream order on CUDA)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.detach().clone()
+
+    def get(self) -> torch.Tensor:
+        """The values, on the host (waits for the copy, not for work queued after it)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
 
 
 def broadcast_object(value: T, device: torch.device, src: int = 0) -> T:

@@ -36,11 +36,17 @@ class EMA:
         return p.ds_tensor if self.zero3 else p.data
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, keep: torch.Tensor | None = None) -> None:
+        """θ_ema ← rate·θ_ema + (1 − rate)·θ. ``keep`` (a 0-d float tensor on the device, 1 or 0) scales the
+        step, so a step found non-finite on the device leaves the shadows as they were without the host
+        reading the verdict (the weights are then unchanged and finite: θ_ema + 0·(θ − θ_ema) = θ_ema)."""
         current = [self._local(p).float() for p in self._params]
         for rate, shadow in self.shadows.items():
-            # θ_ema ← rate·θ_ema + (1 − rate)·θ
-            torch._foreach_lerp_(shadow, current, 1.0 - rate)
+            # θ_ema + w·(θ − θ_ema) with w = 1 − rate: lerp's formula, spelled out because lerp would turn
+            # a 0-d tensor weight into a Python number (a host read) while foreach mul takes it as is.
+            step = torch._foreach_sub(current, shadow)
+            torch._foreach_mul_(step, 1.0 - rate if keep is None else keep * (1.0 - rate))
+            torch._foreach_add_(shadow, step)
 
     # -- persistence (each rank saves its own shadows; identical across ranks below ZeRO-3)
     def state_dict(self) -> dict[str, object]:

@@ -118,54 +118,67 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[i
 
 
 class StepGate:
-    """Lets the trainer skip one whole optimizer step from outside DeepSpeed.
+    """Skips one whole optimizer step from outside DeepSpeed, decided on the device.
 
-    DeepSpeed applies a NaN update in fp32 and skips it in bf16; the trainer wants the same, decided
-    by all ranks, in both. With ``skip`` set, the optimizer patched by :func:`gate_optimizer` leaves
-    weights and moments untouched and :class:`GatedLambdaLR` does not advance, so the LR schedule
-    stays in step with the optimizer.
+    DeepSpeed applies a NaN update in fp32 and skips it in bf16; the trainer wants every step with a
+    non-finite loss or gradient on any rank skipped whole, in both, without the host waiting for the
+    verdict. The trainer sets ``found_inf`` (a 0-d float32 tensor on the device: 1.0 skip, 0.0 apply)
+    before each step; the optimizer patched by :func:`gate_optimizer` hands it to torch's fused AdamW,
+    whose kernel then leaves weights, moments and its step count untouched on the device (the
+    mechanism ``torch.amp.GradScaler`` uses). The LR scheduler runs on the host and cannot see the
+    verdict: it advances, and the trainer calls :meth:`RewindableLambdaLR.rewind` once it has read the
+    verdict, before the next optimizer step, so the schedule stays in step with the optimizer.
     DeepSpeed still zeroes the gradients as after any step."""
 
     def __init__(self) -> None:
-        self.skip = False
+        self.found_inf: torch.Tensor | None = None
 
 
 def _gated_step(self: torch.optim.Optimizer, closure: Callable[[], float] | None = None) -> float | None:
-    if self.gate.skip:  # type: ignore[attr-defined]
+    found_inf = self.gate.found_inf  # type: ignore[attr-defined]
+    if found_inf is None:
+        return type(self).step(self, closure)
+    if self.defaults.get("fused"):
+        self.found_inf = found_inf  # type: ignore[attr-defined]  # read by the fused kernel, on the device
+        try:
+            return type(self).step(self, closure)
+        finally:
+            del self.found_inf  # type: ignore[attr-defined]
+    # An unfused AdamW (a device without the fused kernel) cannot skip on the device: read the verdict.
+    if bool(found_inf > 0):
         return None
     return type(self).step(self, closure)
 
 
 def gate_optimizer(optimizer: torch.optim.Optimizer, gate: StepGate) -> torch.optim.Optimizer:
-    """Make ``optimizer.step`` a no-op while ``gate.skip`` is set. Patched on the instance, not by
-    subclassing: DeepSpeed's ZeRO accepts only the exact torch optimizer types without a warning."""
+    """Make ``optimizer.step`` honour ``gate.found_inf``. Patched on the instance, not by subclassing:
+    DeepSpeed's ZeRO accepts only the exact torch optimizer types without a warning."""
     optimizer.gate = gate  # type: ignore[attr-defined]  # an attribute: state_dict() does not carry it
     optimizer.step = types.MethodType(_gated_step, optimizer)  # type: ignore[method-assign]
     return optimizer
 
 
-class GatedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
-    def step(self, epoch: int | None = None) -> None:
-        gate = getattr(self.optimizer, "gate", None)
-        if gate is not None and gate.skip:
-            return
-        super().step(epoch)
+class RewindableLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    def rewind(self) -> None:
+        """Undo the last :meth:`step`: the optimizer step it followed was skipped on the device."""
+        self.last_epoch -= 1
+        values = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, values, strict=True):
+            group["lr"] = lr
+        self._last_lr = values
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, gate: StepGate | None = None) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with torch AdamW (no FusedAdam JIT build) and a LambdaLR.
+    """Wrap ``model`` in a DeepSpeed engine with torch's fused AdamW (no FusedAdam JIT build) and a LambdaLR.
 
-    On CUDA the AdamW is torch's fused kernel (one launch for all tensors instead of a few per tensor);
-    ``train.compile`` compiles the module through DeepSpeed's ``engine.compile``."""
+    The fused kernel (CPU and CUDA) is one launch for all tensors instead of a few per tensor, and it is
+    what lets :class:`StepGate` skip a step on the device. ``train.compile`` compiles the module through
+    DeepSpeed's ``engine.compile``."""
     import deepspeed
 
-    # The model is still on the CPU here (DeepSpeed moves it); trainer.distributed picks CUDA when present.
-    cuda = torch.cuda.is_available()
-    adamw = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True if cuda else None
-    )
+    adamw = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
     optimizer = gate_optimizer(adamw, gate or StepGate())
-    scheduler = GatedLambdaLR(
+    scheduler = RewindableLambdaLR(
         optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.total_steps, cfg.train.lr_schedule)
     )
     engine, _, _, _ = deepspeed.initialize(

@@ -25,6 +25,7 @@ import json
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,20 @@ class NonFiniteError(RuntimeError):
 
 
 EXIT_NONFINITE = 3
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """The settled verdict on one optimizer step, the same on every rank."""
+
+    kept: bool  # False: a non-finite loss or gradient somewhere; the step was skipped whole
+    stop: bool  # a stop signal reached some rank: every rank saves and exits after this step
+
+
+@dataclass
+class _InFlight:
+    verdict: distributed.HostCopy  # the agreed [non-finite count, stop] of a launched, unsettled step
+    ds_skipped: bool  # DeepSpeed skipped it itself (known on the host at once)
 
 
 class TrainState:
@@ -236,6 +251,7 @@ class Trainer:
                 "rng": RNGState(lambda: self._seed_rank_stream(self.state.step)),
             },
         )
+        self.inflight: _InFlight | None = None  # the launched step whose verdict is not read yet
         self.tracker: Tracker = Tracker()
         self._info_lock = threading.Lock()
 
@@ -415,15 +431,19 @@ class Trainer:
             )
 
     # -------------------------------------------------------------- one optimizer step
-    def train_step(self) -> tuple[bool, bool]:
-        """Micro-batches → losses → backward → (agreed) optimizer step → history and EMA.
+    def train_step(self) -> StepOutcome | None:
+        """Micro-batches → losses → backward → agreed (device-side) optimizer step → EMA → history exchange.
 
-        Returns (kept, stop): ``kept`` is False when the loss or a gradient was not finite on some rank
-        (the step was then skipped whole on every rank: no weight, moment, LR, EMA or history change);
-        ``stop`` is True on every rank when any rank received a stop signal."""
+        Nothing here makes the host wait for the device. The verdict on a step (a non-finite loss or
+        gradient on any rank: skip it whole on every rank; a stop signal on any rank: stop every rank at
+        the same step) is one MAX all-reduce left on the device: the fused AdamW skips on it, the EMA is
+        scaled by it, and its copy to the host is read during the *next* step, once that step's work is
+        queued (:meth:`settle`), or at once when the loop needs it (a log, checkpoint or stop step).
+        Returns the outcome of the previous step if this call settled it, else None."""
         accum, env = self.cfg.train.grad_accum, self.env
         self.guard.reset()
-        for micro in range(accum):
+        self.window.begin_step()
+        for _ in range(accum):
             x, y = next(self.stream)
             x = x.to(env.device, non_blocking=True)
             kwargs: dict[str, torch.Tensor] = {}
@@ -440,29 +460,41 @@ class Trainer:
             # term the paper's importance sampling targets, or "loss", the per-sample loss being optimised.
             self.sampler.record(t, terms[self.cfg.diffusion.history_term].detach())
             self.window.add(loss, terms, t, weights)
-            if micro == accum - 1:
-                # One collective decides the step and the stop for all ranks before the optimizer runs.
-                bad, stop = distributed.agree(
-                    torch.stack([self.guard.flag, torch.tensor(float(preemption.requested()), device=env.device)])
-                )
-                self.gate.skip = bad
-            skipped_before = getattr(self.engine, "skipped_steps", 0)
-            self.engine.step()
-        self.gate.skip = False
-        # DeepSpeed's own overflow check (bf16) may skip a step too; count it as ours.
-        bad = bad or getattr(self.engine, "skipped_steps", 0) != skipped_before
-        self.state.samples_seen += x.shape[0] * accum * env.world_size
-        if bad:
-            self.sampler.discard_pending()
-            self.window.discard()
-            return False, stop
-        # The history exchange runs behind the training: this step's pairs are sent now and folded
-        # after the next step, identically on every rank (no wait for them here).
+        verdict = distributed.all_max(
+            torch.stack([self.guard.flag, torch.tensor(float(preemption.requested()), device=env.device)])
+        )
+        # The previous step's verdict, read now that this step's work is queued: the host waits for the
+        # previous step only. It must be read before this optimizer step (an LR rewind goes first).
+        earlier = self.settle() if self.inflight is not None else None
+        # Fold the history exchanged after the previous step (t of the next step is drawn from it).
         self.sampler.finish_sync()
-        self.sampler.start_sync()
-        self.ema.update()
-        self.window.commit()
-        return True, stop
+        found_inf = (verdict[0] > 0).float()
+        self.gate.found_inf = found_inf
+        skipped_before = getattr(self.engine, "skipped_steps", 0)
+        self.engine.step()
+        self.gate.found_inf = None
+        # DeepSpeed's own overflow check (bf16, ZeRO) may skip a step too, decided on the host.
+        ds_skipped = getattr(self.engine, "skipped_steps", 0) != skipped_before
+        if not ds_skipped:
+            self.ema.update(keep=1.0 - found_inf)
+        self.state.samples_seen += x.shape[0] * accum * env.world_size
+        self.sampler.start_sync()  # this step's pairs travel during the next step
+        self.inflight = _InFlight(distributed.HostCopy(verdict), ds_skipped)
+        return earlier
+
+    def settle(self) -> StepOutcome:
+        """Read the verdict on the step in flight and finish it: its metrics are counted or dropped, its
+        timestep pairs kept or dropped, and the LR step that followed a device-skipped step undone."""
+        pending, self.inflight = self.inflight, None
+        assert pending is not None, "settle() without a step in flight"
+        nonfinite, stop = (v > 0 for v in pending.verdict.get().tolist())
+        bad = nonfinite or pending.ds_skipped
+        self.window.settle(keep=not bad)
+        if bad:
+            self.sampler.reject_inflight()
+            if not pending.ds_skipped:  # DeepSpeed did not step the scheduler when it skipped itself
+                self.engine.lr_scheduler.rewind()
+        return StepOutcome(kept=not bad, stop=stop)
 
     # -------------------------------------------------------------- the loop
     def fit(self) -> int:
@@ -478,28 +510,8 @@ class Trainer:
         self.t_start, self.step_start = self.t_window, st.step
         saved_at = st.step if st.step else -1
 
-        while st.step < total:
-            kept, stop = self.train_step()
-            if kept:
-                st.bad_streak = 0
-                st.step += 1
-                saved_at = self._after_step(saved_at)
-            else:
-                st.skipped_steps += 1
-                st.bad_streak += 1
-                _log(
-                    env,
-                    f"warning: non-finite loss or gradient at step {st.step + 1}: step skipped on every rank "
-                    f"({st.bad_streak} in a row, {st.skipped_steps} in total; limit train.max_bad_steps="
-                    f"{cfg.train.max_bad_steps})",
-                )
-                if st.bad_streak >= cfg.train.max_bad_steps:
-                    latest = self.ckpt.latest()
-                    raise NonFiniteError(
-                        f"{st.bad_streak} consecutive optimizer steps had a non-finite loss or gradient "
-                        f"(from step {st.step + 1}); stopped. Newest finite checkpoint: "
-                        f"{latest if latest else 'none'}. Lower train.lr or check the data."
-                    )
+        while st.step + (self.inflight is not None) < total:
+            saved_at, stop = self.advance(saved_at)
             if stop:
                 _log(env, f"stop signal received at step {st.step}: saving and exiting for requeue")
                 if saved_at != st.step:
@@ -517,6 +529,62 @@ class Trainer:
         self.sample_grid()
         return 0
 
+    def advance(self, saved_at: int) -> tuple[int, bool]:
+        """One pass of the loop: launch a step; settle it at once only when its number is a log,
+        checkpoint, plot, grid or eval step, or the run must stop (then run those). Returns the step last
+        saved and whether every rank must stop now (no step is then in flight)."""
+        stop = False
+        earlier = self.train_step()
+        if earlier is not None:
+            stop = self._account(earlier)
+        # Every earlier step is settled: if kept, the step just launched is number st.step + 1.
+        if stop or self._due(self.state.step + 1):
+            outcome = self.settle()
+            stop = self._account(outcome) or stop
+            if outcome.kept:
+                saved_at = self._after_step(saved_at)
+        return saved_at, stop
+
+    def _account(self, outcome: StepOutcome) -> bool:
+        """Count a settled step; raises :class:`NonFiniteError` after train.max_bad_steps bad steps in a row.
+        Returns the stop verdict."""
+        cfg, env, st = self.cfg, self.env, self.state
+        if outcome.kept:
+            st.bad_streak = 0
+            st.step += 1
+            return outcome.stop
+        st.skipped_steps += 1
+        st.bad_streak += 1
+        _log(
+            env,
+            f"warning: non-finite loss or gradient at step {st.step + 1}: step skipped on every rank "
+            f"({st.bad_streak} in a row, {st.skipped_steps} in total; limit train.max_bad_steps="
+            f"{cfg.train.max_bad_steps})",
+        )
+        if st.bad_streak >= cfg.train.max_bad_steps:
+            latest = self.ckpt.latest()
+            raise NonFiniteError(
+                f"{st.bad_streak} consecutive optimizer steps had a non-finite loss or gradient "
+                f"(from step {st.step + 1}); stopped. Newest finite checkpoint: "
+                f"{latest if latest else 'none'}. Lower train.lr or check the data."
+            )
+        return outcome.stop
+
+    def _plot_every(self) -> int:
+        return self.cfg.train.importance_plot_every or self.cfg.train.ckpt_every
+
+    def _due(self, step: int) -> bool:
+        """Whether :meth:`_after_step` does anything at ``step`` (so the step must be settled first)."""
+        tr, total = self.cfg.train, self.cfg.train.total_steps
+        return (
+            step == total
+            or step % tr.log_every == 0
+            or step % tr.ckpt_every == 0
+            or (step % self._plot_every() == 0 and self.cfg.diffusion.timestep_sampler != "uniform")
+            or bool(tr.sample_every and step % tr.sample_every == 0)
+            or (self.evaluator is not None and step % tr.eval_every == 0)
+        )
+
     def _after_step(self, saved_at: int) -> int:
         """Logging, checkpoint, plots and grids at their cadences. Returns the step last saved."""
         cfg, st, total = self.cfg, self.state, self.cfg.train.total_steps
@@ -524,8 +592,7 @@ class Trainer:
             self._log_metrics()
         if (st.step % cfg.train.ckpt_every == 0 or st.step == total) and self.save() is not None:
             saved_at = st.step
-        plot_every = cfg.train.importance_plot_every or cfg.train.ckpt_every
-        if st.step % plot_every == 0 and cfg.diffusion.timestep_sampler != "uniform":
+        if st.step % self._plot_every() == 0 and cfg.diffusion.timestep_sampler != "uniform":
             self.log_importance()
         if cfg.train.sample_every and st.step % cfg.train.sample_every == 0 and st.step != total:
             self.sample_grid()

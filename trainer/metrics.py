@@ -18,16 +18,27 @@ _QN = _QSUM + _QUARTERS
 _SIZE = _QN + _QUARTERS
 
 
+class _StagedStep:
+    def __init__(self, like: torch.Tensor) -> None:
+        self.sums = torch.zeros_like(like)
+        self.micro_batches = 0
+
+
 class LossWindow:
     """Sums over the optimizer steps since the last log. A step's micro-batches are staged and only
-    counted when the step is kept (:meth:`commit`), so a skipped non-finite step leaves no trace."""
+    counted once the step is known to be kept (:meth:`settle`), so a skipped non-finite step leaves no
+    trace. The verdict on a step can arrive after the next step has begun (the trainer reads it a step
+    late to keep the host from waiting on the device), so up to two steps are staged, oldest first."""
 
     def __init__(self, num_timesteps: int, device: torch.device) -> None:
         self.num_timesteps = num_timesteps
         self.acc = torch.zeros(_SIZE, dtype=torch.float64, device=device)
-        self._staged = torch.zeros_like(self.acc)
-        self._staged_micro = 0
+        self._staged: list[_StagedStep] = []
         self.micro_batches = 0
+
+    def begin_step(self) -> None:
+        """Open the staging slot of a new optimizer step: :meth:`add` writes there from now on."""
+        self._staged.append(_StagedStep(self.acc))
 
     @torch.no_grad()
     def add(
@@ -37,9 +48,12 @@ class LossWindow:
         ``weights``: the importance weights 1/(T p_t), so that mse and vb are logged as unbiased
         estimates of their uniform-t means whatever the timestep sampler (quartiles are per-t means
         and need no weights)."""
+        if not self._staged:
+            self.begin_step()
+        staged = self._staged[-1]
+        acc = staged.sums
         b = t.shape[0]
         w = weights.detach().double()
-        acc = self._staged
         acc[_LOSS] += loss.detach().double() * b
         acc[_MSE] += (per_sample["mse"].detach().double() * w).sum()
         acc[_VB] += (per_sample["vb"].detach().double() * w).sum()
@@ -47,16 +61,20 @@ class LossWindow:
         quarter = (t * _QUARTERS) // self.num_timesteps
         acc[_QSUM:_QN].scatter_add_(0, quarter, per_sample["loss"].detach().double())
         acc[_QN:_SIZE].scatter_add_(0, quarter, torch.ones_like(quarter, dtype=torch.float64))
-        self._staged_micro += 1
+        staged.micro_batches += 1
 
-    def commit(self) -> None:
-        self.acc += self._staged
-        self.micro_batches += self._staged_micro
-        self.discard()
+    def settle(self, keep: bool) -> None:
+        """The oldest staged step was kept (counted) or skipped (dropped)."""
+        if not self._staged:
+            return
+        staged = self._staged.pop(0)
+        if keep:
+            self.acc += staged.sums
+            self.micro_batches += staged.micro_batches
 
     def discard(self) -> None:
-        self._staged.zero_()
-        self._staged_micro = 0
+        """Drop every staged step."""
+        self._staged.clear()
 
     def reduce(self, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Means over the window and over all ranks (collective when distributed); resets the window.

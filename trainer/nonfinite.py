@@ -4,7 +4,7 @@ A NaN or inf must never reach the weights. The check has to see gradients before
 and partitions them (ZeRO 1-3 keep them in private flat buffers), so a tensor hook on every
 parameter looks at each local gradient as autograd produces it; a non-finite local gradient on any rank
 makes the reduced one non-finite, so the OR over ranks of the local flags is the global answer. The
-flag stays on the device (no host sync) until the trainer's per-step agreement reads it.
+flag stays on the device: the trainer all-reduces it there and reads the agreed copy a step later.
 
 Cost: each hook launches one reduction, ``torch.aminmax`` (a tensor holds a NaN or inf exactly when its
 min or max is non-finite: both propagate NaN, and a finite tensor's extrema are finite), and keeps the

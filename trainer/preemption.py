@@ -2,8 +2,8 @@
 
 SLURM sends SIGTERM at preemption, and submitit asks it to send SIGUSR2 shortly before the time
 limit. Doing a collective checkpoint inside a signal handler is unsafe (the other ranks are in the
-middle of a step), so the handler only sets a flag; the training loop agrees on the flag across
-ranks at a step boundary (``distributed.any_rank``), saves, and returns ``EXIT_PREEMPTED``.
+middle of a step), so the handler only sets a flag; the flag rides in each step's verdict all-reduce
+(a MAX over ranks), so every rank learns of it at the same step, saves, and returns ``EXIT_PREEMPTED``.
 The launcher may then hand the signal on to the handler that was installed before ours
 (submitit's requeue logic) with :func:`forward_to_previous_handler`.
 """

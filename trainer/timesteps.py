@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.distributed import HostCopy
+
 
 class TimestepSamplerKind(str, Enum):
     UNIFORM = "uniform"
@@ -115,11 +117,11 @@ class TimestepSampler:
         """Fold all ranks' queued pairs into the history; returns how many. The uniform sampler has none."""
         return 0
 
-    def discard_pending(self) -> None:
-        """Drop the pairs queued since the last sync (a skipped step). The uniform sampler has none."""
-
     def start_sync(self) -> None:
         """Start exchanging the queued pairs without waiting (see :meth:`LossSecondMomentSampler.start_sync`)."""
+
+    def reject_inflight(self) -> None:
+        """The step whose pairs are being exchanged was skipped: drop them when they arrive."""
 
     def collect(self) -> None:
         """Wait for an exchange in flight and keep its pairs, not yet folded."""
@@ -182,7 +184,7 @@ class LossSecondMomentSampler(TimestepSampler):
         # Rows per rank the exchange sends without a second round; it follows the gathered counts,
         # so it is the same on every rank as long as all ranks construct, load and sync together.
         self._capacity = 0
-        self._inflight: _Exchange | None = None
+        self._inflight: _Exchange | _LocalExchange | None = None
         self._gathered: list[np.ndarray] = []
         """Pairs exchanged but not folded yet, in exchange order (identical on every rank)."""
 
@@ -246,7 +248,13 @@ class LossSecondMomentSampler(TimestepSampler):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             self._inflight = _Exchange(local, self.process_group, self._capacity)
         elif len(local):
-            self._gathered.append(local.cpu().numpy())
+            self._inflight = _LocalExchange(local)
+
+    def reject_inflight(self) -> None:
+        """The step whose pairs are in flight was skipped (every rank learns it at the same point): its
+        pairs are dropped when they arrive, so the history never sees a skipped step."""
+        if self._inflight is not None:
+            self._inflight.rejected = True
 
     def collect(self) -> None:
         """Wait for the exchange in flight and keep its pairs (not folded: folding stays where it would
@@ -254,8 +262,8 @@ class LossSecondMomentSampler(TimestepSampler):
         if self._inflight is None:
             return
         pairs, self._capacity = self._inflight.result()
-        self._inflight = None
-        if len(pairs):
+        rejected, self._inflight = self._inflight.rejected, None
+        if len(pairs) and not rejected:
             self._gathered.append(pairs)
 
     def finish_sync(self) -> int:
@@ -267,10 +275,6 @@ class LossSecondMomentSampler(TimestepSampler):
         self._gathered = []
         self._fold(pairs)
         return len(pairs)
-
-    def discard_pending(self) -> None:
-        """Drop the queued pairs of a step that was skipped (every rank does, so histories stay equal)."""
-        self._pending = []
 
     @property
     def pending(self) -> int:
@@ -374,11 +378,22 @@ def _expect(state: dict[str, Any], key: str, value: Any) -> None:
         raise ValueError(f"timestep sampler state: '{key}' is {state[key]!r}, this sampler has {value!r}")
 
 
+class _LocalExchange:
+    """A world of one: the rows only travel to the host (queued now, read when collected)."""
+
+    def __init__(self, local: torch.Tensor) -> None:
+        self.copy, self.capacity, self.rejected = HostCopy(local), 0, False
+
+    def result(self) -> tuple[np.ndarray, int]:
+        return self.copy.get().numpy(), self.capacity
+
+
 class _Exchange:
     """An all-gather of [n_r, 2] rows in flight (see :func:`_all_gather_rows` for the protocol)."""
 
     def __init__(self, local: torch.Tensor, group: dist.ProcessGroup | None, capacity: int) -> None:
         self.local, self.group, self.capacity = local, group, capacity
+        self.rejected = False
         world = dist.get_world_size(group)
         n = local.shape[0]
         send = torch.zeros((capacity + 1, 2), dtype=torch.float64, device=local.device)
@@ -386,13 +401,22 @@ class _Exchange:
         send[1 : 1 + min(n, capacity)] = local[:capacity]
         self.parts = [torch.empty_like(send) for _ in range(world)]
         self.work = dist.all_gather(self.parts, send, group=group, async_op=True)
+        self.copy: HostCopy | None = None
+        if send.is_cuda:
+            # NCCL: wait() only orders the current stream after the collective (the host goes on), and the
+            # copy to the host is queued behind it; gloo's wait() would block, so it waits in result().
+            self.work.wait()
+            self.copy = HostCopy(torch.stack(self.parts))
 
     def result(self) -> tuple[np.ndarray, int]:
         """Every rank's rows in rank order, and the capacity for the next exchange. Collective only
         when some rank outgrew the capacity (a second, blocking round)."""
-        self.work.wait()
+        if self.copy is not None:
+            first = self.copy.get().numpy()
+        else:
+            self.work.wait()
+            first = torch.stack(self.parts).numpy()
         world, capacity, local = len(self.parts), self.capacity, self.local
-        first = torch.stack(self.parts).cpu().numpy()  # one device-to-host copy
         counts = first[:, 0, 0].astype(np.int64)
         longest = int(counts.max())
         rest = None

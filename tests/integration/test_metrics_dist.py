@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.distributed import agree, free_port
+from trainer.distributed import HostCopy, all_max, free_port
 from trainer.metrics import LossWindow
 
 
@@ -21,12 +21,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         w = LossWindow(4, torch.device("cpu"))
         per = torch.full((2,), float(rank + 1))
+        w.begin_step()
         w.add(per.mean(), {"loss": per, "mse": per, "vb": per}, torch.tensor([0, 3]), torch.ones(2))
-        w.commit()
+        w.begin_step()  # a second step, staged while the first is unsettled, then skipped: not counted
+        w.add(per.mean() * 100, {"loss": per * 100, "mse": per, "vb": per}, torch.tensor([1, 2]), torch.ones(2))
+        w.settle(keep=True)
+        w.settle(keep=False)
         # Only rank 1 met corrupt data: the logged count must still show it.
         out_metrics = w.reduce(extra={"data/skipped": 5.0 * rank, "data/shard_errors": float(rank == 0)})
         # A flag raised on one rank only is seen by both; a flag raised nowhere by neither.
-        flags = agree(torch.tensor([float(rank == 1), 0.0]))
+        flags = [v > 0 for v in HostCopy(all_max(torch.tensor([float(rank == 1), 0.0]))).get().tolist()]
         torch.save({"metrics": out_metrics, "flags": flags}, Path(out) / f"r{rank}.pt")
     finally:
         dist.destroy_process_group()

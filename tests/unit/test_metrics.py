@@ -18,13 +18,14 @@ def test_window_means_match_a_float64_recount() -> None:
         t = rng.integers(0, 4, size=5)  # only the first two quarters of [0, 8) are drawn
         loss, mse, vb, wt = (rng.random(5) for _ in range(4))
         scalar = float((loss * wt).mean())
+        w.begin_step()
         w.add(
             torch.tensor(scalar),
             {"loss": torch.tensor(loss), "mse": torch.tensor(mse), "vb": torch.tensor(vb)},
             torch.tensor(t),
             torch.tensor(wt),
         )
-        w.commit()
+        w.settle(keep=True)
         for lst, v in zip((all_t, all_loss, all_mse, all_vb, all_w), (t, loss, mse, vb, wt), strict=True):
             lst.append(v)
         scalars.append(scalar)
@@ -43,12 +44,14 @@ def test_window_means_match_a_float64_recount() -> None:
 def test_discarded_step_leaves_no_trace_and_extras_are_summed() -> None:
     w = LossWindow(4, torch.device("cpu"))
     terms = {k: torch.tensor([1.0, 3.0]) for k in ("loss", "mse", "vb")}
+    w.begin_step()
     w.add(torch.tensor(2.0), terms, torch.tensor([0, 3]), torch.ones(2))
-    w.commit()
+    w.settle(keep=True)
+    w.begin_step()
     w.add(
         torch.tensor(float("nan")), {k: v * float("nan") for k, v in terms.items()}, torch.tensor([1, 2]), torch.ones(2)
     )
-    w.discard()
+    w.settle(keep=False)
     state = w.state_dict()
     out = w.reduce(extra={"data/skipped": 5.0})
     assert out["loss"] == 2.0 and out["mse"] == 2.0 and out["data/skipped"] == 5.0
