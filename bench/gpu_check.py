@@ -6,9 +6,9 @@ Run by ``bench/gpu_check.sh`` (which installs the carried wheels and refuses to 
     on 32x32 RGB shards made from the built-in digits (no download):
     - ``trainer``: the real :class:`trainer.main.Trainer` (DeepSpeed bf16, ZeRO-2, the webdataset stream
       with loader workers, EMA, non-finite guard, hybrid loss), tracking disabled; each step is what
-      ``Trainer.fit`` does per step (``train_step()`` then ``_after_step()``; checkpoints set beyond the run);
+      ``Trainer.fit`` does per step (``Trainer.advance``; checkpoints set beyond the run);
     - ``bare``: the same UNet and loss in a plain loop: fp32 weights, bf16 autocast around the model call,
-      torch AdamW (fused on CUDA), the same gradient clipping, pre-loaded batches on the device.
+      torch's fused AdamW, the same gradient clipping, pre-loaded batches on the device.
     Reported: images/s, the ratio, MFU = 3 x forward FLOPs/image x images/s / the GPU's peak dense bf16
     FLOP/s (omitted for GPUs not in :data:`PEAK_BF16`), and peak memory (``torch.cuda.max_memory_allocated``).
 (b) ``trainer/main.py --config configs/quickstart.yaml`` end to end (digits shards, tracking disabled),
@@ -176,11 +176,9 @@ def child_trainer(args: argparse.Namespace) -> dict[str, Any]:
 
     def step() -> None:
         nonlocal saved_at
-        kept, _stop = trainer.train_step()
-        if not kept:
-            raise RuntimeError(f"non-finite step at step {state.step + 1}")
-        state.step += 1
-        saved_at = trainer._after_step(saved_at)  # fit's per-step cadence work (metrics every log_every)
+        saved_at, _stop = trainer.advance(saved_at)  # fit's loop body (metrics every log_every)
+        if state.skipped_steps:
+            raise RuntimeError(f"non-finite step before step {state.step + 1}")
 
     for _ in range(args.warmup):
         step()
@@ -222,7 +220,7 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
         .train()
     )
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
     diffusion = base_diffusion(cfg)
     # Decoded batches from the same stream, already on the device: the bare loop never waits for data.
     stream = build_train_stream(cfg.data.model_copy(update={"num_workers": 0}), manifest, rank=0, world_size=1)
@@ -250,7 +248,7 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
     seconds = _timed(step, device, args.warmup, args.steps)
     return {
         "seconds": seconds,
-        "precision": "fp32 weights, bf16 autocast, torch AdamW" + (" (fused)" if device.type == "cuda" else ""),
+        "precision": "fp32 weights, bf16 autocast, torch AdamW (fused)",
         **_peak_memory(device),
     }
 
