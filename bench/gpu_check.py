@@ -49,6 +49,9 @@ LOG_LINES = 300  # last lines of each child's output kept in gpu_check.log
 LOGS: list[tuple[str, str]] = []  # (part, output) of every child process, for gpu_check.log
 RESERVE_BARE = 90.0  # seconds kept for the bare loop while the trainer runs
 RESERVE_QUICKSTART = 120.0  # seconds kept for the quickstart while part (a) runs
+SYNC_STEPS = 20
+"""Steps run after the timed ones under torch.cuda's sync debug mode, counting host waits (a log step may
+fall among them: it reads its metrics on purpose)."""
 FAR = 10**9  # a cadence beyond any run here: no checkpoint, plot or grid inside the timed window
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s from the vendors' data sheets, matched on the name
@@ -158,6 +161,32 @@ def _timed(step: Any, device: Any, warmup: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def _count_syncs(step: Any, device: Any, steps: int) -> dict[str, Any] | None:
+    """Operations that made the host wait for the GPU during ``steps`` more steps, by the Python line that
+    called them: torch.cuda's sync debug mode warns at each one (None off CUDA)."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(
+        f"{w.filename.split('site-packages/')[-1].removeprefix(str(ROOT) + '/')}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message)
+    )
+    return {"steps": steps, "per_step": sum(where.values()) / steps, "by_line": dict(where.most_common(12))}
+
+
 def child_trainer(args: argparse.Namespace) -> dict[str, Any]:
     from trainer import distributed
     from trainer.config import load_config
@@ -185,7 +214,9 @@ def child_trainer(args: argparse.Namespace) -> dict[str, Any]:
     wait0 = trainer.stream.stats().get("wait_s", 0.0)
     seconds = _timed(step, env.device, 0, args.steps)
     wait = trainer.stream.stats().get("wait_s", 0.0) - wait0
+    syncs = _count_syncs(step, env.device, SYNC_STEPS)
     out = {
+        "host_syncs": syncs,
         "seconds": seconds,
         "data_wait_ms_per_step": 1e3 * wait / args.steps,
         "params": trainer.n_params,
@@ -436,6 +467,13 @@ def markdown(report: dict[str, Any]) -> str:
         )
     if tr.get("ratio") is not None:
         lines += ["", f"trainer / bare images/s: **{tr['ratio']:.3f}**"]
+    syncs = tr["trainer"].get("host_syncs")
+    if syncs:
+        by_line = ", ".join(f"`{k}` x{v}" for k, v in syncs["by_line"].items()) or "none"
+        lines.append(
+            f"Host waits for the GPU (torch.cuda sync debug mode, {syncs['steps']} trainer steps): "
+            f"{syncs['per_step']:.2f} per step; by calling line: {by_line}."
+        )
     if tr.get("peak_bf16_flops"):
         lines.append(
             f"MFU against {tr['peak_bf16_flops'] / 1e12:.0f} TFLOP/s dense bf16 (3 x forward FLOPs per image)."

@@ -252,6 +252,7 @@ class Trainer:
             },
         )
         self.inflight: _InFlight | None = None  # the launched step whose verdict is not read yet
+        self._stop_flag = torch.zeros((), dtype=torch.float32, device=env.device)
         self.tracker: Tracker = Tracker()
         self._info_lock = threading.Lock()
 
@@ -450,7 +451,8 @@ class Trainer:
             if self.num_classes:
                 # Label dropout trains the null class (unconditional and guided sampling); the mask is
                 # drawn on the device from the global RNG, which the checkpoint saves (exact resume).
-                kwargs["y"] = drop_labels(y.to(env.device), self.cfg.model.label_dropout, self.num_classes)
+                y = y.to(env.device, non_blocking=True)
+                kwargs["y"] = drop_labels(y, self.cfg.model.label_dropout, self.num_classes)
             t, weights = self.sampler.sample(x.shape[0])
             terms = self.diffusion.training_losses(self.call, x, t, model_kwargs=kwargs)
             loss = (terms["loss"] * weights).mean()
@@ -460,9 +462,9 @@ class Trainer:
             # term the paper's importance sampling targets, or "loss", the per-sample loss being optimised.
             self.sampler.record(t, terms[self.cfg.diffusion.history_term].detach())
             self.window.add(loss, terms, t, weights)
-        verdict = distributed.all_max(
-            torch.stack([self.guard.flag, torch.tensor(float(preemption.requested()), device=env.device)])
-        )
+        # fill_ passes the flag as a kernel argument: torch.tensor(flag, device=cuda) would be a blocking copy.
+        self._stop_flag.fill_(float(preemption.requested()))
+        verdict = distributed.all_max(torch.stack([self.guard.flag, self._stop_flag]))
         # The previous step's verdict, read now that this step's work is queued: the host waits for the
         # previous step only. It must be read before this optimizer step (an LR rewind goes first).
         earlier = self.settle() if self.inflight is not None else None

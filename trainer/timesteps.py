@@ -89,9 +89,10 @@ class TimestepSampler:
         if batch_size == 0:
             t = torch.zeros(0, dtype=torch.long, device=self.device)
             return t, torch.zeros(0, dtype=torch.float32, device=self.device)
-        probs = torch.from_numpy(self.probabilities()).to(draw_device)
+        # Non-blocking host-to-device copies: a blocking one waits for the device's whole queue.
+        probs = torch.from_numpy(self.probabilities()).to(draw_device, non_blocking=True)
         t = torch.multinomial(probs, batch_size, replacement=True, generator=generator).to(self.device)
-        weights = torch.from_numpy(self.weights()).to(self.device)[t]
+        weights = torch.from_numpy(self.weights()).to(self.device, non_blocking=True)[t]
         return t, weights
 
     def weights(self) -> np.ndarray:
