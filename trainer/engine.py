@@ -187,6 +187,11 @@ def build_engine(cfg: Config, model: torch.nn.Module, gate: StepGate | None = No
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, n_params=sum(p.numel() for p in model.parameters())),
     )
+    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
+        # One data-parallel rank: DeepSpeed would still flatten every gradient into a buffer, all-reduce it
+        # with itself and copy it back each step (~2 ms of a 270 ms CPU step on the quickstart UNet; two
+        # full copies of the gradients on a GPU). The sum over one rank is the identity: skip it.
+        engine.enable_backward_allreduce = False
     if cfg.train.compile:
         engine.compile()
     return engine
