@@ -463,8 +463,8 @@ def profile_diff(bare: dict[str, Any], trainer: dict[str, Any], steps: int, top:
         "trainer_step_ms": trainer_ms,
         "extra_ms": trainer_ms - bare_ms,
         "parts_ms": parts_ms,
-        # DeepSpeed's forward/backward/step wrappers (grad flatten + all-reduce even at world 1, its own
-        # clip_grad_norm_ and zero_grad), train_step's glue and noise: what the timed parts do not explain.
+        # DeepSpeed's forward/backward/step wrappers (its module walks, per-parameter clip_grad_norm_ and
+        # zero_grad), train_step's glue and noise: what the timed parts do not explain.
         "rest_ms": trainer_ms - bare_ms - sum(parts_ms.values()),
         "by_extra_self_time": by_extra,
         "trainer_only_by_cumulative_time": parts,
@@ -530,8 +530,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"Where the trainer's extra time goes ({report['profile_threads']} thread(s); step times as measured "
             f"above): {prof['bare_step_ms']:.1f} vs {prof['trainer_step_ms']:.1f} ms/step, "
             f"{prof['extra_ms']:+.1f} ms. Timed alone (ms/step): {parts}; the rest, {prof['rest_ms']:.1f} ms, is "
-            "DeepSpeed's forward/backward/step wrappers (gradient flatten + all-reduce even at world size 1, its "
-            "own clip_grad_norm_ and zero_grad), train_step's glue and noise.",
+            "DeepSpeed's forward/backward/step wrappers (its module walks, per-parameter clip_grad_norm_ and "
+            "zero_grad), train_step's glue and noise (the turns' spread: see the per-round ratios).",
             "",
             f"cProfile of {report['steps']} more steps of each (profiling inflates Python-heavy code). Functions by "
             "extra self time in the trainer (trainer minus bare):",

@@ -42,11 +42,12 @@ class EMA:
         reading the verdict (the weights are then unchanged and finite: θ_ema + 0·(θ − θ_ema) = θ_ema)."""
         current = [self._local(p).float() for p in self._params]
         for rate, shadow in self.shadows.items():
-            # θ_ema + w·(θ − θ_ema) with w = 1 − rate: lerp's formula, spelled out because lerp would turn
-            # a 0-d tensor weight into a Python number (a host read) while foreach mul takes it as is.
-            step = torch._foreach_sub(current, shadow)
-            torch._foreach_mul_(step, 1.0 - rate if keep is None else keep * (1.0 - rate))
-            torch._foreach_add_(shadow, step)
+            if keep is None:
+                torch._foreach_lerp_(shadow, current, 1.0 - rate)
+                continue
+            # The list form takes the weight as a tensor: the scalar form would read a 0-d tensor on the host.
+            weight = keep * (1.0 - rate)
+            torch._foreach_lerp_(shadow, current, [weight] * len(shadow))
 
     # -- persistence (each rank saves its own shadows; identical across ranks below ZeRO-3)
     def state_dict(self) -> dict[str, object]:
