@@ -12,6 +12,8 @@ Variants:
 - ``bare``: the same UNet (same seed), the same loss (``create_diffusion(...).training_losses``), torch
   AdamW and the same gradient clipping, on the same batches pre-decoded into memory (t uniform).
 - ``bare-stream``: ``bare`` drawing each batch from its own copy of the train stream (decode included).
+- ``bare-deepspeed`` (in-process only): ``bare`` through the trainer's DeepSpeed engine and nothing else of
+  the trainer, to tell DeepSpeed's share of the overhead from ours.
 - ``trainer-notrack`` (``--mode isolated`` only): ``trainer`` with tracking disabled.
 
 Modes:
@@ -19,15 +21,16 @@ Modes:
 - ``inproc`` (default): all variants live in one process per thread count and take turns, ``--steps``
   steps each per round (the order rotating every round), for ``--rounds`` rounds; a variant's speed in a
   round is 1 / its median step time. On a shared 2-core machine bursts from other processes hit whole
-  runs; fine-grained turns and medians see through them (process-level state was checked to make no
-  difference: a bare loop runs as fast next to a built Trainer as alone).
+  runs, and 10-step turns still gave per-round ratios from 0.71 to 1.02; 2-step turns (the default) put
+  the variants' steps within a second of each other, and medians over 60 rounds see through the bursts
+  (process-level state was checked to make no difference: a bare loop runs as fast next to a built Trainer as alone).
 - ``isolated``: each (variant, round) in its own process, interleaved; speed = steps / wall time.
 
 Warm-up steps and start-up are excluded. The ratio is trainer steps/s over bare steps/s. In-process runs
 end with a cProfile of bare and trainer steps (first thread count; ``--no-profile`` skips it) and the
 trainer's own parts timed alone, to say where its extra milliseconds go.
 
-    python bench/bench_overhead.py                      # in-process, 1 and 2 threads, 8 rounds, profile
+    python bench/bench_overhead.py                      # in-process, 1 and 2 threads, 60 rounds of 2-step turns
     python bench/bench_overhead.py --mode isolated --rounds 3 --steps 40 --variants bare trainer trainer-notrack
 
 Writes ``bench/results/overhead.json`` and ``bench/results/overhead.md``.
@@ -52,7 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CONFIG = "configs/quickstart.yaml"
 VARIANTS = ("bare", "bare-stream", "trainer", "trainer-notrack")
-INPROC_VARIANTS = ("bare", "bare-stream", "trainer")
+INPROC_VARIANTS = ("bare", "bare-stream", "bare-deepspeed", "trainer")
+SHOWN = ("bare", "bare-stream", "bare-deepspeed", "trainer", "trainer-notrack")
+"""Report column order (``bare-deepspeed`` runs in-process only: it needs the trainer's process group)."""
 LOG_EVERY = 20  # the quickstart's logging cadence, set explicitly so the timed window logs to MLflow
 TARGET = 0.95
 FAR = 10**9  # a cadence beyond any benchmark run: no checkpoint, grid or plot inside the timed window
@@ -138,10 +143,15 @@ def component_times(trainer: Any, batch: int) -> dict[str, float]:
     terms = {"loss": torch.rand(batch), "mse": torch.rand(batch), "vb": vb}
     loss = torch.rand(())
 
-    def guard() -> None:  # what the hooks do in one backward pass, then the per-step read
+    def guard() -> None:  # what the guard does in one step: per-gradient hooks, or one check after backward
         trainer.guard.reset()
-        for g in grads:
-            trainer.guard._check(g)
+        if trainer.guard.hooks:
+            for g in grads:
+                trainer.guard._check(g)
+        else:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            trainer.guard.check_grads()
         trainer.guard.check_loss(loss)
         _ = trainer.guard.flag
 
@@ -155,9 +165,12 @@ def component_times(trainer: Any, batch: int) -> dict[str, float]:
         trainer.window.add(loss, terms, t, torch.ones(batch))
         trainer.window.settle(keep=True)
 
+    guard_ms = _ms_per_call(guard)
+    for p in params:
+        p.grad = None
     return {
         "ema_update": _ms_per_call(trainer.ema.update),
-        "nonfinite_guard": _ms_per_call(guard),
+        "nonfinite_guard": guard_ms,
         "timestep_sampler": _ms_per_call(sampler),
         "loss_window": _ms_per_call(window),
     }
@@ -221,8 +234,11 @@ def close_trainer(trainer: Any) -> None:
     distributed.shutdown()
 
 
-def build_bare(args: argparse.Namespace, from_stream: bool, n_batches: int) -> Any:
-    """A plain loop's step over the trainer's batches (pre-decoded, cycling over ``n_batches``, or streamed)."""
+def build_bare(args: argparse.Namespace, from_stream: bool, n_batches: int, deepspeed: bool = False) -> Any:
+    """A plain loop's step over the trainer's batches (pre-decoded, cycling over ``n_batches``, or streamed).
+    With ``deepspeed`` the same loop goes through the trainer's DeepSpeed engine (``build_engine``: ZeRO-0,
+    the fused AdamW, DeepSpeed's clipping and zero_grad) and nothing else of the trainer: DeepSpeed's own
+    share of the overhead. Needs the process group :func:`build_trainer` set up."""
     import torch
 
     from trainer.config import load_config
@@ -248,6 +264,19 @@ def build_bare(args: argparse.Namespace, from_stream: bool, n_batches: int) -> A
     batches = None if from_stream else [next(stream)[0] for _ in range(n_batches)]
     params = list(model.parameters())
     it = iter(range(10**12))
+    if deepspeed:
+        from trainer.engine import build_engine, model_fn
+
+        engine = build_engine(cfg, model)
+        call = model_fn(engine)
+
+        def engine_step() -> None:
+            x = batches[next(it) % len(batches)]  # type: ignore[index]
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],))
+            engine.backward(diffusion.training_losses(call, x, t)["loss"].mean())
+            engine.step()
+
+        return engine_step
 
     def step() -> None:
         x = next(stream)[0] if batches is None else batches[next(it) % len(batches)]
@@ -288,6 +317,7 @@ def child_inproc(args: argparse.Namespace) -> dict[str, Any]:
     steps = {
         "bare": build_bare(args, from_stream=False, n_batches=64),
         "bare-stream": build_bare(args, from_stream=True, n_batches=0),
+        "bare-deepspeed": build_bare(args, from_stream=False, n_batches=64, deepspeed=True),
         "trainer": trainer_step,
     }
     for step in steps.values():
@@ -402,13 +432,17 @@ def spawn(name: str, threads: int, data: Path, work: Path, args: argparse.Namesp
 
 
 def _ratio_keys(present: list[str]) -> list[tuple[str, str, str]]:
-    """(key, trainer variant, bare variant) for every trainer-like variant over every bare-like one present."""
-    return [(f"{t}/{b}", t, b) for t in present if t.startswith("trainer") for b in present if b.startswith("bare")]
+    """(key, trainer variant, bare variant) for every trainer-like variant over every bare-like one present,
+    and DeepSpeed's own share: ``bare-deepspeed`` over ``bare``."""
+    keys = [(f"{t}/{b}", t, b) for t in present if t.startswith("trainer") for b in present if b.startswith("bare")]
+    if "bare-deepspeed" in present and "bare" in present:
+        keys.append(("bare-deepspeed/bare", "bare-deepspeed", "bare"))
+    return keys
 
 
 def summarise(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:
     mine = [r for r in runs if r["threads"] == threads]
-    present = [v for v in VARIANTS if any(r["variant"] == v for r in mine)]
+    present = [v for v in SHOWN if any(r["variant"] == v for r in mine)]
     by = {(r["variant"], r["round"]): r for r in mine}
     out: dict[str, Any] = {"threads": threads, "variants": present, "rounds": []}
     for rnd in sorted({r["round"] for r in mine}):
@@ -492,7 +526,9 @@ def markdown(report: dict[str, Any]) -> str:
         + ".",
         "",
         f"{speed} `bare`: pre-decoded "
-        "batches; `bare-stream`: the same batches decoded from the train stream; `trainer`: the full stack "
+        "batches; `bare-stream`: the same batches decoded from the train stream; `bare-deepspeed`: `bare` "
+        "through the trainer's DeepSpeed engine (ZeRO-0, its clipping and zero_grad) and nothing else; "
+        "`trainer`: the full stack "
         "(DeepSpeed, stream, EMA, non-finite guard, importance sampling, MLflow sqlite logging every "
         f"{report['log_every']} steps); `trainer-notrack`: the same with tracking disabled. Target ratio >= "
         f"{TARGET}.",
@@ -630,8 +666,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("inproc", "isolated"), default="inproc")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch/OMP threads")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round (isolated: per run)")
+    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument(
+        "--steps", type=int, default=2, help="timed steps per variant per round (isolated: per run; use ~40)"
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (isolated: per run)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--trainer-workers", type=int, default=0, help="the trainer's data.num_workers")

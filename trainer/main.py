@@ -225,7 +225,10 @@ class Trainer:
         self.gate = StepGate()
         self.engine = build_engine(cfg, model, self.gate)
         self.call = model_fn(self.engine)
-        self.guard = NonFiniteGuard(self.engine.module, env.device)
+        # ZeRO-0 without bf16 leaves the gradients in .grad: one fused check after backward; otherwise
+        # DeepSpeed moves them into its own buffers during backward, so each is checked as it is produced.
+        in_grad = self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
+        self.guard = NonFiniteGuard(self.engine.module, env.device, hooks=not in_grad)
         self.ema = EMA(self.engine.module, cfg.train.ema_rates)
         self.sampler = create_timestep_sampler(
             name=cfg.diffusion.timestep_sampler,
@@ -462,6 +465,7 @@ class Trainer:
             # term the paper's importance sampling targets, or "loss", the per-sample loss being optimised.
             self.sampler.record(t, terms[self.cfg.diffusion.history_term].detach())
             self.window.add(loss, terms, t, weights)
+        self.guard.check_grads()  # (a no-op where hooks checked each gradient during backward)
         # fill_ passes the flag as a kernel argument: torch.tensor(flag, device=cuda) would be a blocking copy.
         self._stop_flag.fill_(float(preemption.requested()))
         verdict = distributed.all_max(torch.stack([self.guard.flag, self._stop_flag]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from trainer.distributed import HostCopy
@@ -133,3 +134,34 @@ def test_host_copy_keeps_the_value_it_was_given() -> None:
     copy = HostCopy(t)
     t.add_(5.0)  # later work on the device tensor does not reach the copy
     assert copy.get().tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "after-backward"])
+def test_the_guard_sees_one_non_finite_gradient_among_many(hooks: bool) -> None:
+    from trainer.nonfinite import NonFiniteGuard
+
+    model = _model()
+    guard = NonFiniteGuard(model, torch.device("cpu"), hooks=hooks)
+    x = torch.ones(3, 4)
+
+    def verdict(poison: float | None) -> float:
+        guard.reset()
+        model.zero_grad(set_to_none=True)
+        for micro in range(2):  # two accumulated micro-batches; the bad value in the first only
+            out = model(x)
+            if poison is not None and micro == 0:
+                out = out * torch.tensor([1.0, poison])  # one output channel, hence some gradients, poisoned
+            out.sum().backward()
+        guard.check_grads()
+        return float(guard.flag)
+
+    assert verdict(None) == 0.0
+    assert verdict(math.nan) > 0
+    assert verdict(math.inf) > 0
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert verdict(None) == 0.0
+    assert all(torch.isfinite(g).all() for g in grads) is False  # the poisoned step's gradients were bad
+    if not hooks:  # the fused check multiplies by 1: the gradients are left exactly as they were
+        before = [p.grad.clone() for p in model.parameters()]
+        guard.check_grads()
+        assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters(), strict=True))
