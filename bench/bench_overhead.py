@@ -7,8 +7,8 @@ Variants:
   2-core quickstart does; a GPU node defaults to 4 workers), EMA, the
   non-finite guard, importance sampling (``loss-second-moment`` with a pre-filled history, so p_t is
   non-uniform and every step folds new losses), the hybrid loss, and MLflow tracking to a sqlite store
-  in a temp dir. Each step is what ``Trainer.fit`` does per kept step: ``train_step()`` then
-  ``_after_step()`` (metrics every ``LOG_EVERY`` steps; checkpoints, grids and plots set beyond the run).
+  in a temp dir. Each step is one pass of ``Trainer.fit``'s loop (``Trainer.advance``: metrics every
+  ``LOG_EVERY`` steps; checkpoints, grids and plots set beyond the run).
 - ``bare``: the same UNet (same seed), the same loss (``create_diffusion(...).training_losses``), torch
   AdamW and the same gradient clipping, on the same batches pre-decoded into memory (t uniform).
 - ``bare-stream``: ``bare`` drawing each batch from its own copy of the train stream (decode included).

@@ -346,9 +346,10 @@ def child(args: argparse.Namespace) -> None:
     for i in range(1, args.steps + 1):
         step_no[0] = i
         t0 = time.perf_counter()
-        kept, _ = trainer.train_step()
+        trainer.train_step()
+        outcome = trainer.settle()  # each step's verdict read at once: steps are measured one by one
         times.append(time.perf_counter() - t0)
-        assert kept, f"step {i} was skipped"
+        assert outcome.kept, f"step {i} was skipped"
         step_rss.append(mon.mark("idle"))
         if i in (1, args.steps):
             rec[f"census_step{i}"] = tensor_census(trainer)
