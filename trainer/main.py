@@ -576,33 +576,36 @@ class Trainer:
             )
         return outcome.stop
 
-    def _plot_every(self) -> int:
-        return self.cfg.train.importance_plot_every or self.cfg.train.ckpt_every
+    def _cadences(self, step: int) -> dict[str, bool]:
+        """What :meth:`_after_step` does at ``step``: the one place the cadences are decided."""
+        tr, last = self.cfg.train, step == self.cfg.train.total_steps
+        plot_every = tr.importance_plot_every or tr.ckpt_every
+        return {
+            "log": step % tr.log_every == 0 or last,
+            "save": step % tr.ckpt_every == 0 or last,
+            "plot": step % plot_every == 0 and self.cfg.diffusion.timestep_sampler != "uniform",
+            "grid": bool(tr.sample_every) and step % tr.sample_every == 0 and not last,  # the end samples anyway
+            "eval": self.evaluator is not None and (step % tr.eval_every == 0 or last),
+        }
 
     def _due(self, step: int) -> bool:
         """Whether :meth:`_after_step` does anything at ``step`` (so the step must be settled first)."""
-        tr, total = self.cfg.train, self.cfg.train.total_steps
-        return (
-            step == total
-            or step % tr.log_every == 0
-            or step % tr.ckpt_every == 0
-            or (step % self._plot_every() == 0 and self.cfg.diffusion.timestep_sampler != "uniform")
-            or bool(tr.sample_every and step % tr.sample_every == 0)
-            or (self.evaluator is not None and step % tr.eval_every == 0)
-        )
+        return any(self._cadences(step).values())
 
     def _after_step(self, saved_at: int) -> int:
         """Logging, checkpoint, plots and grids at their cadences. Returns the step last saved."""
-        cfg, st, total = self.cfg, self.state, self.cfg.train.total_steps
-        if st.step % cfg.train.log_every == 0 or st.step == total:
+        st = self.state
+        due = self._cadences(st.step)
+        if due["log"]:
             self._log_metrics()
-        if (st.step % cfg.train.ckpt_every == 0 or st.step == total) and self.save() is not None:
+        if due["save"] and self.save() is not None:
             saved_at = st.step
-        if st.step % self._plot_every() == 0 and cfg.diffusion.timestep_sampler != "uniform":
+        if due["plot"]:
             self.log_importance()
-        if cfg.train.sample_every and st.step % cfg.train.sample_every == 0 and st.step != total:
+        if due["grid"]:
             self.sample_grid()
-        if self.evaluator is not None and (st.step % cfg.train.eval_every == 0 or st.step == total):
+        if due["eval"]:
+            assert self.evaluator is not None
             t_eval = time.perf_counter()
             self.evaluator.run(st.step, self.ema, self.tracker)  # collective; after the save (it can be slow)
             self.t_window += time.perf_counter() - t_eval  # train/steps_per_s measures training alone
