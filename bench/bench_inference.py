@@ -42,6 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchlib import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CONFIG = "configs/quickstart.yaml"
@@ -52,16 +54,6 @@ QUICK_SETTINGS = "ddim:25:8"
 QUICK_BATCH, QUICK_BPD_IMAGES, QUICK_BPD_BATCH = 4, 2, 1
 SEED = 0
 TIMEOUT_S = 3600
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -118,7 +110,7 @@ def train_export(data: Path, work: Path) -> Path:
 
 
 def export_info(path: Path) -> dict[str, Any]:
-    from trainer.checkpoint import load_export
+    from trainer.export import load_export
 
     state = load_export(str(path))
     meta, model = state["meta"], state["config"]["model"]
@@ -321,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": _command_line(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cpus": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch": torch.__version__,

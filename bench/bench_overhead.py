@@ -7,10 +7,11 @@ Variants:
   2-core quickstart does; a GPU node defaults to 4 workers), EMA, the
   non-finite guard, importance sampling (``loss-second-moment`` with a pre-filled history, so p_t is
   non-uniform and every step folds new losses), the hybrid loss, and MLflow tracking to a sqlite store
-  in a temp dir. Each step is one pass of ``Trainer.fit``'s loop (``Trainer.advance``: metrics every
+  in a temp dir. Each step is one launch of ``Trainer.fit``'s loop (``fit(until=...)``: metrics every
   ``LOG_EVERY`` steps; checkpoints, grids and plots set beyond the run).
-- ``bare``: the same UNet (same seed), the same loss (``create_diffusion(...).training_losses``), torch
-  AdamW and the same gradient clipping, on the same batches pre-decoded into memory (t uniform).
+- ``bare``: the same UNet (same seed), the same loss, torch AdamW and the same gradient clipping
+  (``bench/benchlib.py``, the loop the GPU check compares with too), on the same batches pre-decoded into
+  memory (t uniform).
 - ``bare-stream``: ``bare`` drawing each batch from its own copy of the train stream (decode included).
 - ``bare-deepspeed`` (in-process only): ``bare`` through the trainer's DeepSpeed engine and nothing else of
   the trainer, to tell DeepSpeed's share of the overhead from ours.
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,6 +50,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchlib import bare_step, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -136,40 +138,41 @@ def component_times(trainer: Any, batch: int) -> dict[str, float]:
     the timed steps: it changes the sampler's history, the EMA and the metrics window."""
     import torch
 
-    params = [p for p in trainer.engine.module.parameters() if p.requires_grad]
+    parts, guard_ = trainer.parts, trainer.step.guard
+    params = [p for p in parts.engine.module.parameters() if p.requires_grad]
     grads = [torch.randn_like(p) for p in params]
-    t, _ = trainer.sampler.sample(batch)
+    t, _ = parts.sampler.sample(batch)
     vb = torch.rand(batch, dtype=torch.float64)
     terms = {"loss": torch.rand(batch), "mse": torch.rand(batch), "vb": vb}
     loss = torch.rand(())
 
     def guard() -> None:  # what the guard does in one step: per-gradient hooks, or one check after backward
-        trainer.guard.reset()
-        if trainer.guard.hooks:
+        guard_.reset()
+        if guard_.hooks:
             for g in grads:
-                trainer.guard._check(g)
+                guard_._check(g)
         else:
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
-            trainer.guard.check_grads()
-        trainer.guard.check_loss(loss)
-        _ = trainer.guard.flag
+            guard_.check_grads()
+        guard_.check_loss(loss)
+        _ = guard_.flag
 
     def sampler() -> None:  # draw, queue the losses, fold them (what a step does with the history)
-        ts, _w = trainer.sampler.sample(batch)
-        trainer.sampler.record(ts, vb)
-        trainer.sampler.sync()
+        ts, _w = parts.sampler.sample(batch)
+        parts.sampler.record(ts, vb)
+        parts.sampler.sync()
 
     def window() -> None:
-        trainer.window.begin_step()
-        trainer.window.add(loss, terms, t, torch.ones(batch))
-        trainer.window.settle(keep=True)
+        parts.window.begin_step()
+        parts.window.add(loss, terms, t, torch.ones(batch))
+        parts.window.settle(keep=True)
 
     guard_ms = _ms_per_call(guard)
     for p in params:
         p.grad = None
     return {
-        "ema_update": _ms_per_call(trainer.ema.update),
+        "ema_update": _ms_per_call(parts.ema.update),
         "nonfinite_guard": guard_ms,
         "timestep_sampler": _ms_per_call(sampler),
         "loss_window": _ms_per_call(window),
@@ -197,7 +200,7 @@ def _profile_rows(prof: Any, steps: int) -> list[dict[str, Any]]:
 
 
 def build_trainer(args: argparse.Namespace, tracking: bool = True) -> tuple[Any, Any]:
-    """The real Trainer and fit()'s per-step body. Initialises the (world of one) process group."""
+    """The real Trainer and one step of its loop per call. Initialises the (world of one) process group."""
     import torch
 
     from trainer import distributed
@@ -210,18 +213,13 @@ def build_trainer(args: argparse.Namespace, tracking: bool = True) -> tuple[Any,
     env = distributed.init_distributed()
     torch.set_num_threads(args.threads)
     trainer = Trainer(cfg, env)
-    _prefill_history(trainer.sampler)
-    trainer.start_tracking(None)
+    _prefill_history(trainer.parts.sampler)
+    trainer.resume("none")
     state = trainer.state
-    saved_at = -1
-    # What fit() sets before its loop, read by _after_step's metrics (rate, ETA).
-    trainer.t_window = trainer.t_start = time.perf_counter()
-    trainer.step_start = state.step
 
     def step() -> None:
-        # Fit's loop body; a skipped step would fail the benchmark (it must not happen).
-        nonlocal saved_at
-        saved_at, _stop = trainer.advance(saved_at)
+        # Trainer.fit's loop, one launch; a skipped step would fail the benchmark (it must not happen).
+        trainer.fit(until=state.step + int(trainer.step.in_flight) + 1)
         assert state.skipped_steps == 0, "non-finite step in the benchmark"
 
     return trainer, step
@@ -230,7 +228,7 @@ def build_trainer(args: argparse.Namespace, tracking: bool = True) -> tuple[Any,
 def close_trainer(trainer: Any) -> None:
     from trainer import distributed
 
-    trainer.tracker.close(status="FINISHED")
+    trainer.identity.tracker.close(status="FINISHED")
     distributed.shutdown()
 
 
@@ -241,54 +239,41 @@ def build_bare(args: argparse.Namespace, from_stream: bool, n_batches: int, deep
     share of the overhead. Needs the process group :func:`build_trainer` set up."""
     import torch
 
+    from trainer import distributed
     from trainer.config import load_config
     from trainer.data import build_train_stream, load_manifest
-    from trainer.inference import base_diffusion
-    from trainer.models.unet import build_unet
 
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / CONFIG, overrides(Path(args.data), Path(args.work), args.batch))
     manifest = load_manifest(cfg.data.root)
-    torch.manual_seed(cfg.train.seed)
-    model = build_unet(
-        cfg.model,
-        image_size=manifest.image_size,
-        in_channels=manifest.channels,
-        learn_sigma=cfg.diffusion.var_type == "learned_range",
-    ).train()
-    # The trainer's optimizer: torch's fused AdamW (one kernel for all tensors).
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
-    diffusion = base_diffusion(cfg)
     stream = build_train_stream(cfg.data, manifest, rank=0, world_size=1)
     # The trainer's stream yields these same batches in this order (same data config and seed).
     batches = None if from_stream else [next(stream)[0] for _ in range(n_batches)]
-    params = list(model.parameters())
     it = iter(range(10**12))
-    if deepspeed:
-        from trainer.engine import build_engine, model_fn
 
-        engine = build_engine(cfg, model)
-        call = model_fn(engine)
+    def next_batch() -> torch.Tensor:
+        return next(stream)[0] if batches is None else batches[next(it) % len(batches)]
 
-        def engine_step() -> None:
-            x = batches[next(it) % len(batches)]  # type: ignore[index]
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],))
-            engine.backward(diffusion.training_losses(call, x, t)["loss"].mean())
-            engine.step()
+    if not deepspeed:
+        return bare_step(cfg, manifest, torch.device("cpu"), next_batch)
+    from trainer.diffusion import diffusion_from_config
+    from trainer.engine import build_engine, model_fn
+    from trainer.models.unet import build_model
+    from trainer.runtime import resolve
 
-        return engine_step
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, manifest.image_size, manifest.channels).train()
+    env = distributed.DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo")
+    engine = build_engine(cfg, resolve(cfg, env), model)
+    call, diffusion = model_fn(engine), diffusion_from_config(cfg.diffusion)
 
-    def step() -> None:
-        x = next(stream)[0] if batches is None else batches[next(it) % len(batches)]
+    def engine_step() -> None:
+        x = next_batch()
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],))
-        loss = diffusion.training_losses(model, x, t)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
+        engine.backward(diffusion.training_losses(call, x, t)["loss"].mean())
+        engine.step()
 
-    return step
+    return engine_step
 
 
 def child_isolated(args: argparse.Namespace) -> dict[str, Any]:
@@ -353,7 +338,7 @@ def child_inproc(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "rounds": rounds,
         "data_wait_ms_per_step": 1e3 * wait_s / max(trainer_steps, 1),
-        "importance_active": trainer.sampler.importance_active,
+        "importance_active": trainer.parts.sampler.importance_active,
         "mlflow_logged_steps": trainer_steps // LOG_EVERY,
     }
     if args.profile:
@@ -381,16 +366,6 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------ parent side
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _pytest_running() -> bool:
@@ -498,7 +473,7 @@ def profile_diff(bare: dict[str, Any], trainer: dict[str, Any], steps: int, top:
         "extra_ms": trainer_ms - bare_ms,
         "parts_ms": parts_ms,
         # DeepSpeed's forward/backward/step wrappers (its module walks, per-parameter clip_grad_norm_ and
-        # zero_grad), train_step's glue and noise: what the timed parts do not explain.
+        # zero_grad), the step's glue and noise: what the timed parts do not explain.
         "rest_ms": trainer_ms - bare_ms - sum(parts_ms.values()),
         "by_extra_self_time": by_extra,
         "trainer_only_by_cumulative_time": parts,
@@ -567,7 +542,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"above): {prof['bare_step_ms']:.1f} vs {prof['trainer_step_ms']:.1f} ms/step, "
             f"{prof['extra_ms']:+.1f} ms. Timed alone (ms/step): {parts}; the rest, {prof['rest_ms']:.1f} ms, is "
             "DeepSpeed's forward/backward/step wrappers (its module walks, per-parameter clip_grad_norm_ and "
-            "zero_grad), train_step's glue and noise (the turns' spread: see the per-round ratios).",
+            "zero_grad), the step's glue and noise (the turns' spread: see the per-round ratios).",
             "",
             f"cProfile of {report['steps']} more steps of each (profiling inflates Python-heavy code). Functions by "
             "extra self time in the trainer (trainer minus bare):",
@@ -595,7 +570,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parent(args: argparse.Namespace) -> None:
-    import torch
 
     from trainer.config import load_config
     from trainer.models.unet import build_unet, count_parameters
@@ -634,7 +608,7 @@ def parent(args: argparse.Namespace) -> None:
     params = count_parameters(build_unet(load_config(ROOT / CONFIG).model, 16, 1, learn_sigma=True))
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine(),
         "config": CONFIG,
         "params": params,
         "batch": args.batch,

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from benchlib import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -189,7 +190,7 @@ def main() -> None:
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _read_cpu_name() or platform.machine(),
+        "cpu": cpu_name(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "threads": args.threads,
@@ -203,16 +204,6 @@ def main() -> None:
     (args.out / "unet.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "unet.md").write_text(markdown(report))
     print(markdown(report))
-
-
-def _read_cpu_name() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Each (variant, stage) is one ``torchrun --nproc_per_node 2`` launch (gloo, ``OMP_NUM_THREADS=1``) of this
 file in ``--child`` mode, which builds the real :class:`trainer.main.Trainer` from
 ``configs/cifar10_hybrid.yaml`` (the CIFAR-10 preset: the 52.5M-parameter UNet at 32x32x3) and drives
-``Trainer.train_step`` itself: no ``fit()``, so no checkpoint, export or sample grid (those gather full
-weights). The data are the built-in digits written as 32x32 RGB shards into a temporary directory (the
-model only sees the image shape). Overrides: fp32, ``data.global_batch_size=4`` (2 per rank, no
+its step (``TrainStep.run`` + ``settle``) itself: no ``fit()``, so no checkpoint, export or sample grid
+(those gather full weights). The data are the built-in digits written as 32x32 RGB shards into a temporary
+directory (the model only sees the image shape). Overrides: fp32, ``data.global_batch_size=4`` (2 per rank, no
 accumulation), tracking off.
 
 Per rank, a background thread reads the current RSS (``/proc/self/statm``) every ~2 ms and keeps the peak
@@ -215,7 +215,7 @@ def tensor_census(trainer: Any) -> dict[str, Any]:
     """Live tensor bytes by role (unique storages reachable from Python; allocated size, touched or not)."""
     import torch
 
-    engine = trainer.engine
+    engine = trainer.parts.engine
     zero = engine.optimizer
     seen: dict[int, int] = {}
     out: dict[str, Any] = {}
@@ -238,7 +238,7 @@ def tensor_census(trainer: Any) -> dict[str, Any]:
     add("reduce bucket (ZeRO)", attrs("ipg_buckets"))
     opt = getattr(engine, "basic_optimizer", None) or zero
     add("adam m, v", [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)])
-    add("ema", [s for shadows in trainer.ema.shadows.values() for s in shadows])
+    add("ema", [s for shadows in trainer.parts.ema.shadows.values() for s in shadows])
     add("other", [o for o in gc.get_objects() if isinstance(o, torch.Tensor)])
     out["total"] = sum(seen.values())
     return out
@@ -267,11 +267,15 @@ def overrides(data: Path, work: Path, stage: int, steps: int, zero: dict[str, An
 
 
 def child(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import torch
 
     import trainer.main as tm
     from trainer import distributed
+    from trainer.builders import Builders
     from trainer.config import load_config
+    from trainer.engine import build_engine as real_build
 
     mon = RssMonitor()
     mon.start()
@@ -284,8 +288,6 @@ def child(args: argparse.Namespace) -> None:
     rec["baseline"], rec["baseline_anon"] = mon.mark("build_model")
     rec["malloc_baseline"] = malloc_stats()
 
-    real_build = tm.build_engine
-
     def build_engine(*a: Any, **k: Any) -> Any:
         rec["before_engine"], _ = mon.mark("build_engine")
         rec["malloc_before_engine"] = malloc_stats()
@@ -294,21 +296,19 @@ def child(args: argparse.Namespace) -> None:
         rec["malloc_engine_built"] = malloc_stats()
         return engine
 
-    tm.build_engine = build_engine
-    trainer = tm.Trainer(cfg, env)
-    tm.build_engine = real_build
+    trainer = tm.Trainer(cfg, env, dataclasses.replace(Builders(), engine=build_engine))
     rec["trainer_built"], _ = mon.mark("idle")
     rec["malloc_trainer_built"] = malloc_stats()
-    rec["params"] = trainer.n_params
-    rec["ema_rates"] = list(trainer.ema.rates)
+    rec["params"] = trainer.parts.n_params
+    rec["ema_rates"] = list(trainer.parts.ema.rates)
     rec["grad_clip"] = trainer.cfg.train.grad_clip
-    zc = trainer.engine._config.zero_config  # the effective values, DeepSpeed's defaults included
+    zc = trainer.parts.engine._config.zero_config  # the effective values, DeepSpeed's defaults included
     rec["ds_zero_config"] = {k: getattr(zc, k) for k in ZERO_KEYS}
 
     # Phase switches around the trainer's pieces; a saved-tensor hook counts the activations.
-    engine, step_no = trainer.engine, [0]
+    engine, step_no = trainer.parts.engine, [0]
     acts: list[int] = []
-    real_call, real_backward, real_step = trainer.call, engine.backward, engine.step
+    real_call, real_backward, real_step = trainer.step.call, engine.backward, engine.step
     real_allreduce = engine.allreduce_gradients
 
     def call(*a: Any, **k: Any) -> Any:
@@ -338,7 +338,7 @@ def child(args: argparse.Namespace) -> None:
 
         return wrapped
 
-    trainer.call = call
+    trainer.step.call = call
     engine.backward = phase("bwd", real_backward, after="post")
     engine.allreduce_gradients = phase("reduce", real_allreduce)
     engine.step = phase("opt", real_step, after="post")
@@ -346,8 +346,8 @@ def child(args: argparse.Namespace) -> None:
     for i in range(1, args.steps + 1):
         step_no[0] = i
         t0 = time.perf_counter()
-        trainer.train_step()
-        outcome = trainer.settle()  # each step's verdict read at once: steps are measured one by one
+        trainer.step.run([next(trainer.stream) for _ in range(trainer.rt.batch.grad_accum)])
+        outcome = trainer.step.settle()  # each step's verdict read at once: steps are measured one by one
         times.append(time.perf_counter() - t0)
         assert outcome.kept, f"step {i} was skipped"
         step_rss.append(mon.mark("idle"))

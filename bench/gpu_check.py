@@ -6,7 +6,7 @@ Run by ``bench/gpu_check.sh`` (which installs the carried wheels and refuses to 
     on 32x32 RGB shards made from the built-in digits (no download):
     - ``trainer``: the real :class:`trainer.main.Trainer` (DeepSpeed bf16, ZeRO-2, the webdataset stream
       with loader workers, EMA, non-finite guard, hybrid loss), tracking disabled; each step is what
-      ``Trainer.fit`` does per step (``Trainer.advance``; checkpoints set beyond the run);
+      ``Trainer.fit`` does per step (``fit(until=...)``, one launch; checkpoints set beyond the run);
     - ``bare``: the same UNet and loss in a plain loop: fp32 weights, bf16 autocast around the model call,
       torch's fused AdamW, the same gradient clipping, pre-loaded batches on the device.
     Reported: images/s, the ratio, MFU = 3 x forward FLOPs/image x images/s / the GPU's peak dense bf16
@@ -25,7 +25,6 @@ every part ran, 1 otherwise (the files say what failed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -39,6 +38,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchlib import bare_step, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -197,36 +198,32 @@ def child_trainer(args: argparse.Namespace) -> dict[str, Any]:
     if env.device.type != args.device:
         raise RuntimeError(f"trainer picked {env.device.type}, the check asked for {args.device}")
     trainer = Trainer(cfg, env)
-    trainer.start_tracking(None)
-    state, saved_at = trainer.state, -1
-    # What fit() sets before its loop, read by _after_step's metrics (rate, ETA).
-    trainer.t_window = trainer.t_start = time.perf_counter()
-    trainer.step_start = state.step
+    trainer.resume("none")
+    state, stream = trainer.state, trainer.stream
 
     def step() -> None:
-        nonlocal saved_at
-        saved_at, _stop = trainer.advance(saved_at)  # fit's loop body (metrics every log_every)
+        trainer.fit(until=state.step + int(trainer.step.in_flight) + 1)  # one launch of the loop
         if state.skipped_steps:
             raise RuntimeError(f"non-finite step before step {state.step + 1}")
 
     for _ in range(args.warmup):
         step()
-    wait0 = trainer.stream.stats().get("wait_s", 0.0)
+    wait0 = stream.stats().get("wait_s", 0.0)
     seconds = _timed(step, env.device, 0, args.steps)
-    wait = trainer.stream.stats().get("wait_s", 0.0) - wait0
+    wait = stream.stats().get("wait_s", 0.0) - wait0
     syncs = _count_syncs(step, env.device, SYNC_STEPS)
     out = {
         "host_syncs": syncs,
         "seconds": seconds,
         "data_wait_ms_per_step": 1e3 * wait / args.steps,
-        "params": trainer.n_params,
-        "fwd_flops_per_image": trainer.flops,
-        "precision": f"DeepSpeed {trainer.cfg.train.precision}, ZeRO-{trainer.cfg.train.zero_stage}",
+        "params": trainer.parts.n_params,
+        "fwd_flops_per_image": trainer.parts.flops,
+        "precision": f"DeepSpeed {trainer.rt.precision}, ZeRO-{trainer.rt.zero_stage}",
         # Informational: DeepSpeed imports mlflow itself where it is installed (quickstart part checks ours).
         "mlflow_in_sys_modules": "mlflow" in sys.modules,
         **_peak_memory(env.device),
     }
-    trainer.stream.close()
+    stream.close()
     distributed.shutdown()
     return out
 
@@ -236,46 +233,15 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
 
     from trainer.config import load_config
     from trainer.data import build_train_stream, load_manifest
-    from trainer.inference import base_diffusion
-    from trainer.models.unet import build_unet
 
     device = torch.device(args.device)
     cfg = load_config(ROOT / CIFAR_CONFIG, train_overrides(args, Path(args.data), Path(args.work)))
     manifest = load_manifest(cfg.data.root)
-    torch.manual_seed(cfg.train.seed)
-    model = (
-        build_unet(
-            cfg.model, manifest.image_size, manifest.channels, learn_sigma=cfg.diffusion.var_type == "learned_range"
-        )
-        .to(device)
-        .train()
-    )
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
-    diffusion = base_diffusion(cfg)
     # Decoded batches from the same stream, already on the device: the bare loop never waits for data.
     stream = build_train_stream(cfg.data.model_copy(update={"num_workers": 0}), manifest, rank=0, world_size=1)
     batches = [next(stream)[0].to(device) for _ in range(min(8, args.warmup + args.steps))]
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            return model(x, t).float()  # the variance/KL arithmetic stays fp32, as in the trainer
-
-    i = 0
-
-    def step() -> None:
-        nonlocal i
-        x = batches[i % len(batches)]
-        i += 1
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-        loss = diffusion.training_losses(call, x, t)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
-
+    calls = iter(range(10**12))
+    step = bare_step(cfg, manifest, device, lambda: batches[next(calls) % len(batches)], bf16=True)
     seconds = _timed(step, device, args.warmup, args.steps)
     return {
         "seconds": seconds,
@@ -429,13 +395,7 @@ def device_info(device: str) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info.update(name=torch.cuda.get_device_name(0), memory_gib=props.total_memory / 2**30)
     else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError, StopIteration):
-            name = next(
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            )
+        name = cpu_name()
         info["name"] = f"CPU: {name}"
     return info
 

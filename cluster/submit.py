@@ -52,6 +52,8 @@ from cluster.request import (
 from trainer.config import ClusterConfig, Config, ConfigError, dump_config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/quickstart.yaml"
+"""The config trainer/main.py trains without --config (relative to the working directory, as there)."""
 
 # flag dest → ClusterConfig field (flags left at None keep the config's value).
 _FLAG_FIELDS = {
@@ -78,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cluster/submit.py",
         description="Submit Improved-DDPM training to SLURM via submitit (requeue on preemption/time limit).",
     )
-    p.add_argument("--config", required=True, help="YAML config (its cluster: section gives the defaults)")
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="YAML config; its cluster: section gives the defaults (default: %(default)s, as trainer/main.py)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.total_steps=1000")
     r = p.add_argument_group("resources (default: the config's cluster: section)")
     r.add_argument("--nodes", type=int)
@@ -176,6 +182,11 @@ def available_partitions() -> list[str] | None:
     return sorted({line.strip() for line in proc.stdout.splitlines() if line.strip()})
 
 
+def slurm_available() -> bool:
+    """Whether this machine can submit to SLURM (``sbatch`` on PATH)."""
+    return shutil.which("sbatch") is not None
+
+
 def preflight(cfg: Config, args: argparse.Namespace, partitions: Sequence[str] | None) -> None:
     c = cfg.cluster
     slurm_parameters(c, REPO_ROOT)  # raises on a GPU/task conflict or a reserved --slurm-arg
@@ -183,6 +194,11 @@ def preflight(cfg: Config, args: argparse.Namespace, partitions: Sequence[str] |
         if c.nodes != 1:
             raise SubmitError(f"--local runs on this machine only: --nodes must be 1 (got {c.nodes})")
     else:
+        if not args.dry_run and not slurm_available():
+            raise SubmitError(
+                "no SLURM on this machine (sbatch not found on PATH): run on this machine with --local "
+                "(one node), or see the job script with --dry-run"
+            )
         check_partition(c.partition, partitions)
     if args.resume not in ("auto", "none") and not Path(args.resume).exists():
         raise SubmitError(f"--resume {args.resume}: no such checkpoint")

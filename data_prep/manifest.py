@@ -15,7 +15,6 @@ from typing import Any
 
 FORMAT = "iddpm-shards/1"
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val")
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 """Shard file names inside the output directory."""
 

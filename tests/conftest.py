@@ -56,6 +56,26 @@ def run_cmd(args: list[str], timeout: float = 600, **env: str) -> subprocess.Com
     )
 
 
+def train_tiny_export(shards: Path, out: Path, *overrides: str) -> Path:
+    """Train the tiny model a few steps in one process (ZeRO-0, no tracking) and return its ``export.pt``."""
+    cmd = [
+        sys.executable,
+        "trainer/main.py",
+        "--config",
+        "configs/quickstart.yaml",
+        *TINY_MODEL,
+        f"data.root={shards}",
+        f"train.output_dir={out}",
+        "tracking.enabled=false",
+        "train.zero_stage=0",
+        *overrides,
+    ]
+    proc = run_cmd(cmd, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (path,) = out.glob("checkpoints/*/export.pt")
+    return path
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart's dataset (scikit-learn digits at 16x16) as real webdataset shards."""

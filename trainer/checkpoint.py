@@ -1,7 +1,7 @@
-"""Checkpoints: one state protocol, atomic saves, resume (also at another world size), export.
+"""Checkpoints: atomic saves and restores of a named set of :class:`~trainer.state.Stateful` parts.
 
-Every part of a run that has state implements :class:`Stateful` (``state_dict`` / ``load_state_dict``),
-and the :class:`CheckpointManager` saves and restores a *named set* of them, as torchtitan's
+Every part of a run that has state implements the state protocol (:mod:`trainer.state`), and the
+:class:`CheckpointManager` saves and restores a *named set* of them, as torchtitan's
 ``CheckpointManager(states=...)`` does. Two scopes:
 
 - ``shared``: identical on every rank (step counters, curves, the timestep history); rank 0 writes them.
@@ -11,15 +11,15 @@ and the :class:`CheckpointManager` saves and restores a *named set* of them, as 
 A per-rank part that can continue at another world size implements
 ``load_state_dict_resharded(states)``, receiving the states every old rank saved, in rank order; a
 part that cannot makes an elastic resume stop with one line naming it. The DeepSpeed engine (model,
-optimizer, LR schedule) is saved by DeepSpeed itself and, at another world size, restored through
-:mod:`trainer.elastic`.
+optimizer, LR schedule) is a part of its own kind (:class:`EnginePart`: DeepSpeed writes its files into
+the checkpoint directory); :class:`trainer.elastic.EngineCheckpoint` is it, and loads at any world size.
 
 Layout under ``<output_dir>/checkpoints``::
 
     step_00001000/            DeepSpeed's files (model, optimizer, LR scheduler; ZeRO shards)
         trainer/common.pt     the shared states (rank 0)
         trainer/rank_<r>.pt   this rank's states
-        export.pt             inference weights (written before COMPLETE)
+        export.pt             inference weights (trainer/export.py; written before COMPLETE)
         COMPLETE              written last, by rank 0, after every rank finished: {"step", "world_size"}
     latest                    name of the newest complete checkpoint, replaced atomically
 
@@ -36,11 +36,12 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 
 from trainer.distributed import DistEnv, barrier
+from trainer.state import Reshardable, Stateful
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -51,18 +52,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 
-@runtime_checkable
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
+class EnginePart(Protocol):
+    """A part whose files a library writes into the checkpoint directory itself (the DeepSpeed engine)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def save(self, root: Path, tag: str) -> None: ...
+
+    def load(self, tag_dir: Path, saved_world_size: int) -> None: ...
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -71,37 +73,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-class RNGState:
-    """The process's torch RNG streams (CPU, and CUDA where present) as a :class:`Stateful`.
-
-    At another world size there is no saved stream for the new ranks: ``reseed()`` gives each rank a
-    fresh, deterministic one instead."""
-
-    def __init__(self, reseed: Callable[[], None]) -> None:
-        self._reseed = reseed
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-
-    def load_state_dict_resharded(self, states: list[dict[str, Any]]) -> None:
-        self._reseed()
 
 
 class CheckpointManager:
@@ -112,7 +90,7 @@ class CheckpointManager:
         root: str | Path,
         keep_last: int,
         env: DistEnv,
-        engine: Any = None,
+        engine: EnginePart | None = None,
         shared: dict[str, Stateful] | None = None,
         per_rank: dict[str, Stateful] | None = None,
     ) -> None:
@@ -168,20 +146,21 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
             self.root.mkdir(parents=True, exist_ok=True)
         barrier()
-        self.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        if self.engine is not None:
+            self.engine.save(self.root, tag)
         own = tag_dir / "trainer"
         own.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({k: v.state_dict() for k, v in self.per_rank.items()}, own / f"rank_{self.env.rank}.pt")
+        atomic_torch_save({k: v.state_dict() for k, v in self.per_rank.items()}, own / f"rank_{self.env.rank}.pt")
         if self.env.is_main:
-            _atomic_torch_save({k: v.state_dict() for k, v in self.shared.items()}, own / "common.pt")
+            atomic_torch_save({k: v.state_dict() for k, v in self.shared.items()}, own / "common.pt")
         if before_complete is not None:
             before_complete(tag_dir)
         os.sync()  # DeepSpeed's files too must be on disk before COMPLETE can be
         barrier()
         if self.env.is_main:
             meta = {"step": step, "world_size": self.env.world_size}
-            _atomic_write_text(tag_dir / COMPLETE, json.dumps(meta))
-            _atomic_write_text(self.root / LATEST, tag)
+            atomic_write_text(tag_dir / COMPLETE, json.dumps(meta))
+            atomic_write_text(self.root / LATEST, tag)
             self._prune(keep=tag)
         barrier()
         return tag_dir
@@ -204,32 +183,26 @@ class CheckpointManager:
             raise CheckpointError(f"{tag_dir / COMPLETE}: unreadable ({type(err).__name__}: {err})") from None
 
     def load(self, tag_dir: Path) -> None:
-        """Collective. Restores the engine, then the per-rank parts in order, then the shared ones."""
+        """Collective. Restores the engine, then the per-rank parts in order, then the shared ones. A checkpoint
+        saved by another number of ranks is resharded: every per-rank part must be :class:`Reshardable`."""
         saved_world, world = self.saved_world_size(tag_dir), self.env.world_size
         own = tag_dir / "trainer"
+        if self.engine is not None:
+            self.engine.load(tag_dir, saved_world)
         if saved_world == world:
-            path, _ = self.engine.load_checkpoint(
-                str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if path is None:
-                raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
-            mine = _load_plain(own / f"rank_{self.env.rank}.pt")
+            mine = load_plain(own / f"rank_{self.env.rank}.pt")
             for name, part in self.per_rank.items():
                 part.load_state_dict(_part(mine, name, own / f"rank_{self.env.rank}.pt"))
         else:
-            from trainer.elastic import load_engine_state
-
-            load_engine_state(self.engine, tag_dir, saved_world, world, self.env.is_main)
-            saved = [_load_plain(own / f"rank_{r}.pt") for r in range(saved_world)]
+            saved = [load_plain(own / f"rank_{r}.pt") for r in range(saved_world)]
             for name, part in self.per_rank.items():
-                reshard = getattr(part, "load_state_dict_resharded", None)
-                if reshard is None:
+                if not isinstance(part, Reshardable):
                     raise CheckpointError(
                         f"{tag_dir}: saved by {saved_world} ranks, resumed on {world}: its '{name}' state "
                         "cannot change world size; resume on the same number of ranks"
                     )
-                reshard([_part(s, name, own / f"rank_{r}.pt") for r, s in enumerate(saved)])
-        common = _load_plain(own / "common.pt")
+                part.load_state_dict_resharded([_part(s, name, own / f"rank_{r}.pt") for r, s in enumerate(saved)])
+        common = load_plain(own / "common.pt")
         for name, part in self.shared.items():
             part.load_state_dict(_part(common, name, own / "common.pt"))
 
@@ -240,47 +213,10 @@ def _part(states: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
     return states[name]
 
 
-def _load_plain(path: Path) -> dict[str, Any]:
+def load_plain(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (checkpoint incomplete or from another tool)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt file to the user
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
-
-
-# ---------------------------------------------------------------------- export for inference
-
-EXPORT_NAME = "export.pt"
-
-
-def export_weights(
-    path: Path,
-    config: dict[str, Any],
-    step: int,
-    model_state: dict[str, torch.Tensor],
-    ema: dict[str, dict],
-    meta: dict[str, Any],
-) -> None:
-    """Write a self-contained inference file: resolved config, raw weights, each EMA's weights, and
-    ``meta`` (image size, channels, classes, MLflow run id) so sampling needs nothing else."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save({"config": config, "step": step, "model": model_state, "ema": ema, "meta": meta}, path)
-
-
-def load_export(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        # A run's output dir or a checkpoints dir: take the newest export in it.
-        candidates = sorted(p.glob(f"**/{EXPORT_NAME}"), key=lambda q: q.stat().st_mtime)
-        if not candidates:
-            raise CheckpointError(f"{p}: no {EXPORT_NAME} found under it")
-        p = candidates[-1]
-    if not p.is_file():
-        raise CheckpointError(f"{p}: checkpoint not found")
-    state = _load_plain(p)
-    state["path"] = str(p)
-    for key in ("config", "model", "ema", "step", "meta"):
-        if key not in state:
-            raise CheckpointError(f"{p}: not an export file (missing '{key}')")
-    return state

@@ -146,6 +146,15 @@ class DiffusionConfig(_Section):
     """u: uniform share mixed into the importance distribution, p = (1-u)·p_raw + u/T; it bounds
     the importance weight 1/(T p_t) by 1/u."""
 
+    @property
+    def learn_sigma(self) -> bool:
+        """The model predicts the variance too: ε and v, 2·C output channels (learned range, eq. 15)."""
+        return self.var_type == "learned_range"
+
+    def output_channels(self, image_channels: int) -> int:
+        """Channels the UNet outputs for images of ``image_channels`` channels."""
+        return image_channels * (2 if self.learn_sigma else 1)
+
     @model_validator(mode="after")
     def _loss_needs_variance(self) -> DiffusionConfig:
         if self.loss == "hybrid" and self.var_type != "learned_range":
@@ -201,7 +210,7 @@ class TrainConfig(_Section):
     """Optimizer steps between evaluations logged to MLflow as ``eval/*`` against the step (the last step
     evaluates too); 0: off. Each one uses the EMA weights (the first of ``ema_rates``): a bits/dim estimate on
     validation images and, with ``eval_features`` and ``eval_reference``, FID/precision/recall/KID of fresh
-    samples (``trainer/periodic_eval.py``). Training is unchanged by it: it draws only from its own generators."""
+    samples (``trainer/evaluation/periodic.py``). Training is unchanged by it: it draws only from its own generators."""
     eval_images: int = Field(256, gt=0)
     """Validation images for the bits/dim estimate: the first N of the ``val`` split in manifest order (all of
     it when smaller), the same at every evaluation and on any number of ranks."""
@@ -211,7 +220,7 @@ class TrainConfig(_Section):
     plus the decoder term t = 0: K + 1 network calls per image instead of T, an unbiased estimate of the
     bound. Capped at T-1, where the estimate is the exact bound."""
     eval_features: str | None = None
-    """Feature network for FID during training (``trainer.features.load_feature_net``: ``inception``,
+    """Feature network for FID during training (``trainer.evaluation.features.load_feature_net``: ``inception``,
     ``inception:/path.pth`` or a .pt/.pth file); set together with ``eval_reference``, or neither."""
     eval_reference: str | None = None
     """Reference statistics ``.npz`` (``trainer/evaluate.py stats``) computed with ``eval_features``."""
@@ -350,32 +359,10 @@ class Config(_Section):
     def _sample_steps_fit_schedule(self) -> Config:
         # Checked here, against T, rather than on SampleConfig: "ddim7" or "200" is only wrong for some
         # diffusion.steps, and a bad spec otherwise surfaces after training, losing the final grid.
-        # The respacing parser itself is reused (imported late: it pulls in torch).
-        from trainer.diffusion.respace import space_timesteps
-
-        spec = self.sample.steps
-        try:
-            space_timesteps(self.diffusion.steps, spec)
-        except ValueError as err:
-            reason = str(err).removeprefix(f"respacing {spec.strip()!r}: ")
-            # The parser's own message names T where T is the problem ("... of 100 steps", "(T = 100)").
-            raise ValueError(f"sample.steps: {reason} (got {spec!r})") from None
-        return self
-
-    @model_validator(mode="after")
-    def _eval_sample_steps_fit_schedule(self) -> Config:
-        # Only where FID runs during training: "ddim50" is the default and wrong for a small T.
-        from trainer.diffusion.respace import space_timesteps
-
-        t = self.train
-        if not (t.eval_every and t.eval_features):
-            return self
-        spec = t.eval_sample_steps
-        try:
-            space_timesteps(self.diffusion.steps, spec)
-        except ValueError as err:
-            reason = str(err).removeprefix(f"respacing {spec.strip()!r}: ")
-            raise ValueError(f"train.eval_sample_steps: {reason} (got {spec!r})") from None
+        _check_respacing("sample.steps", self.sample.steps, self.diffusion.steps)
+        # FID during training samples with train.eval_sample_steps: "ddim50" is the default and wrong for a small T.
+        if self.train.eval_every and self.train.eval_features:
+            _check_respacing("train.eval_sample_steps", self.train.eval_sample_steps, self.diffusion.steps)
         return self
 
     @property
@@ -395,6 +382,19 @@ class Config(_Section):
 
         walk("", self.model_dump(mode="json"))
         return out
+
+
+def _check_respacing(key: str, spec: str, num_timesteps: int) -> None:
+    """A respacing spec that cannot cut T steps is refused at load time, naming ``key``."""
+    # The respacing parser itself is reused (imported late: it pulls in torch).
+    from trainer.diffusion.respace import space_timesteps
+
+    try:
+        space_timesteps(num_timesteps, spec)
+    except ValueError as err:
+        reason = str(err).removeprefix(f"respacing {spec.strip()!r}: ")
+        # The parser's own message names T where T is the problem ("... of 100 steps", "(T = 100)").
+        raise ValueError(f"{key}: {reason} (got {spec!r})") from None
 
 
 # --------------------------------------------------------------------------- loading

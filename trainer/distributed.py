@@ -202,7 +202,8 @@ def select_device(env: Mapping[str, str], visible_devices: int, cuda: bool) -> D
 
 def _limit_cpu_threads(local_world: int) -> None:
     # The deepspeed launcher does not set OMP_NUM_THREADS; N processes each using every core run
-    # ~10x slower from oversubscription (FACTS.md). Share the cores unless the user chose a number.
+    # ~10x slower from oversubscription (measured on a 2-core machine, 2 ranks). Share the cores unless the
+    # user chose a number.
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // max(1, local_world)))

@@ -1,4 +1,9 @@
-"""Elastic resume of the DeepSpeed engine: a checkpoint written by N ranks loads on M ranks.
+"""The DeepSpeed engine as a checkpoint part, and its elastic resume: a checkpoint written by N ranks loads on M.
+
+:class:`EngineCheckpoint` is what :class:`trainer.checkpoint.CheckpointManager` saves and loads the engine
+(model, optimizer, LR schedule) through: DeepSpeed writes its own files, and every load, at the same or
+another world size, goes through :func:`load_engine_state` (one load path). This module depends on
+:mod:`trainer.checkpoint`, never the reverse.
 
 What each ZeRO stage keeps, and how it is resumed on another world size (DeepSpeed 0.19):
 
@@ -137,3 +142,17 @@ def _convert(tag_dir: Path, final: Path) -> None:
         (tag_dir / "latest_universal").unlink(missing_ok=True)
     os.sync()  # the converted files must be on disk before the name that says "complete" exists
     os.replace(tmp, final)
+
+
+class EngineCheckpoint:
+    """The DeepSpeed engine as a :class:`trainer.checkpoint.EnginePart`: its files, in DeepSpeed's layout,
+    inside the checkpoint directory; loaded at any world size (collective)."""
+
+    def __init__(self, engine: Any, world_size: int, is_main: bool) -> None:
+        self.engine, self.world_size, self.is_main = engine, world_size, is_main
+
+    def save(self, root: Path, tag: str) -> None:
+        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+
+    def load(self, tag_dir: Path, saved_world_size: int) -> None:
+        load_engine_state(self.engine, tag_dir, saved_world_size, self.world_size, self.is_main)

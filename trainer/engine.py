@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config
+from trainer.runtime import Runtime, merge
 
 ZERO_BUCKET_FRACTION = 16
 """ZeRO's communication buckets and ZeRO-3's prefetch/reuse windows hold 1/16 of the model's elements."""
@@ -51,56 +50,27 @@ def zero_buffer_sizes(n_params: int) -> dict[str, int]:
     return {k: min(v, DEEPSPEED_ZERO_DEFAULTS[k]) for k, v in sizes.items()}
 
 
-def deepspeed_config(cfg: Config, n_params: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config: ZeRO buffer sizes scaled to the model (``n_params``, when given) under a user
-    JSON (optional) under the values derived from our YAML, under ``train.deepspeed`` overrides. Batch
-    size, accumulation, clipping, ZeRO stage and precision come from our config so that one file
-    describes the run; sizes set in the JSON or ``train.deepspeed`` win over the scaled ones."""
-    base = read_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else {}
+def deepspeed_config(cfg: Config, rt: Runtime, n_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config: ZeRO buffer sizes scaled to the model (``n_params``, when given), under the
+    user's DeepSpeed settings (``rt.deepspeed``: the JSON file and ``train.deepspeed``), under the values
+    this run decided: micro-batch, accumulation, clipping, ZeRO stage and precision come from the config
+    and the :class:`~trainer.runtime.Runtime`, so that one file describes the run (the runtime has already
+    refused a user setting that contradicts them). Sizes the user set win over the scaled ones."""
+    base: dict[str, Any] = {}
     if n_params is not None:
-        base = _merge({"zero_optimization": zero_buffer_sizes(n_params)}, base)
-    stage = cfg.train.zero_stage
-    if stage is None:
-        stage = base.get("zero_optimization", {}).get("stage", 2)
-    # "auto" is resolved against the hardware at start (trainer.runtime); unresolved, the JSON decides.
-    auto = cfg.train.precision == "auto"
-    bf16 = base.get("bf16", {}).get("enabled", True) if auto else cfg.train.precision == "bf16"
+        base = {"zero_optimization": zero_buffer_sizes(n_params)}
     derived = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_micro_batch_size_per_gpu": rt.batch.micro_batch,
+        "gradient_accumulation_steps": rt.batch.grad_accum,
         "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": rt.zero_stage},
+        "bf16": {"enabled": rt.bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    merged = _merge(_merge(base, derived), cfg.train.deepspeed)
+    merged = merge(merge(base, rt.deepspeed), derived)
     merged.pop("train_batch_size", None)  # derived by DeepSpeed from micro-batch × accumulation × world
     return merged
-
-
-def read_deepspeed_json(path_text: str) -> dict[str, Any]:
-    """The user's DeepSpeed JSON (``train.deepspeed_config``), with one-line errors."""
-    path = Path(path_text)
-    try:
-        base = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"train.deepspeed_config: file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"train.deepspeed_config: {path}: invalid JSON ({err.msg}, line {err.lineno})") from None
-    if not isinstance(base, dict):
-        raise ConfigError(f"train.deepspeed_config: {path}: top level must be an object")
-    if "optimizer" in base:
-        # A DeepSpeed "optimizer" block selects FusedAdam and JIT-compiles it; we pass torch AdamW.
-        raise ConfigError(f"train.deepspeed_config: {path}: remove 'optimizer' (set train.lr/weight_decay)")
-    return base
-
-
-def _merge(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
-    out = dict(lower)
-    for k, v in upper.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
@@ -168,7 +138,7 @@ class RewindableLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = values
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, gate: StepGate | None = None) -> Any:
+def build_engine(cfg: Config, rt: Runtime, model: torch.nn.Module, gate: StepGate | None = None) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with torch's fused AdamW (no FusedAdam JIT build) and a LambdaLR.
 
     The fused kernel (CPU and CUDA) is one launch for all tensors instead of a few per tensor, and it is
@@ -185,7 +155,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, gate: StepGate | None = No
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, n_params=sum(p.numel() for p in model.parameters())),
+        config=deepspeed_config(cfg, rt, n_params=sum(p.numel() for p in model.parameters())),
     )
     if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
         # One data-parallel rank: DeepSpeed would still flatten every gradient into a buffer, all-reduce it
@@ -213,3 +183,12 @@ def model_fn(engine: Any) -> Callable[..., torch.Tensor]:
         return engine(x.to(dtype), t, **kwargs).float()
 
     return call
+
+
+def full_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """Full float32 weights of the (possibly ZeRO-3 partitioned) module, on the host. Collective."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}

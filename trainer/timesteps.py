@@ -20,10 +20,9 @@ Which loss feeds the history
 Distributed contract
     Every rank must draw t from the identical distribution, so every rank must hold a bit-identical
     history. ``record`` only queues (t, loss) pairs locally (once per micro-batch, no communication);
-    ``sync`` runs once per optimizer step: it all-gathers every rank's queued pairs (a count header plus
-    rows padded to a capacity all ranks agree on, with a second round only when a count outgrows it, so
-    uneven per-rank batch sizes work; no pickling; tensors on ``device`` so NCCL works too) and folds
-    them into the history in rank-major, then record, order. Construct, load and sync the sampler on
+    ``sync`` runs once per optimizer step: it all-gathers every rank's queued pairs (:mod:`trainer.exchange`:
+    uneven per-rank counts, no pickling, tensors on ``device`` so NCCL works too) and folds them into the
+    history in rank-major, then record, order. Construct, load and sync the sampler on
     every rank.
     All ranks fold the same bytes with the same deterministic code (element-wise IEEE operations and an
     exactly rounded ``math.fsum``), so their histories and p_t agree bit for bit. Each rank still draws
@@ -33,7 +32,6 @@ Distributed contract
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 from enum import Enum
@@ -43,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.distributed import HostCopy
+from trainer.exchange import Exchange, LocalExchange
 
 
 class TimestepSamplerKind(str, Enum):
@@ -185,7 +183,7 @@ class LossSecondMomentSampler(TimestepSampler):
         # Rows per rank the exchange sends without a second round; it follows the gathered counts,
         # so it is the same on every rank as long as all ranks construct, load and sync together.
         self._capacity = 0
-        self._inflight: _Exchange | _LocalExchange | None = None
+        self._inflight: Exchange | LocalExchange | None = None
         self._gathered: list[np.ndarray] = []
         """Pairs exchanged but not folded yet, in exchange order (identical on every rank)."""
 
@@ -247,9 +245,9 @@ class LossSecondMomentSampler(TimestepSampler):
         )
         self._pending = []
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            self._inflight = _Exchange(local, self.process_group, self._capacity)
+            self._inflight = Exchange(local, self.process_group, self._capacity)
         elif len(local):
-            self._inflight = _LocalExchange(local)
+            self._inflight = LocalExchange(local)
 
     def reject_inflight(self) -> None:
         """The step whose pairs are in flight was skipped (every rank learns it at the same point): its
@@ -379,76 +377,6 @@ def _expect(state: dict[str, Any], key: str, value: Any) -> None:
         raise ValueError(f"timestep sampler state: '{key}' is {state[key]!r}, this sampler has {value!r}")
 
 
-class _LocalExchange:
-    """A world of one: the rows only travel to the host (queued now, read when collected)."""
-
-    def __init__(self, local: torch.Tensor) -> None:
-        self.copy, self.capacity, self.rejected = HostCopy(local), 0, False
-
-    def result(self) -> tuple[np.ndarray, int]:
-        return self.copy.get().numpy(), self.capacity
-
-
-class _Exchange:
-    """An all-gather of [n_r, 2] rows in flight (see :func:`_all_gather_rows` for the protocol)."""
-
-    def __init__(self, local: torch.Tensor, group: dist.ProcessGroup | None, capacity: int) -> None:
-        self.local, self.group, self.capacity = local, group, capacity
-        self.rejected = False
-        world = dist.get_world_size(group)
-        n = local.shape[0]
-        send = torch.zeros((capacity + 1, 2), dtype=torch.float64, device=local.device)
-        send[0, 0] = n
-        send[1 : 1 + min(n, capacity)] = local[:capacity]
-        self.parts = [torch.empty_like(send) for _ in range(world)]
-        self.work = dist.all_gather(self.parts, send, group=group, async_op=True)
-        self.copy: HostCopy | None = None
-        if send.is_cuda:
-            # NCCL: wait() only orders the current stream after the collective (the host goes on), and the
-            # copy to the host is queued behind it; gloo's wait() would block, so it waits in result().
-            self.work.wait()
-            self.copy = HostCopy(torch.stack(self.parts))
-
-    def result(self) -> tuple[np.ndarray, int]:
-        """Every rank's rows in rank order, and the capacity for the next exchange. Collective only
-        when some rank outgrew the capacity (a second, blocking round)."""
-        if self.copy is not None:
-            first = self.copy.get().numpy()
-        else:
-            self.work.wait()
-            first = torch.stack(self.parts).numpy()
-        world, capacity, local = len(self.parts), self.capacity, self.local
-        counts = first[:, 0, 0].astype(np.int64)
-        longest = int(counts.max())
-        rest = None
-        if longest > capacity:
-            n = local.shape[0]
-            extra = torch.zeros((longest - capacity, 2), dtype=torch.float64, device=local.device)
-            extra[: max(n - capacity, 0)] = local[capacity:]
-            parts = [torch.empty_like(extra) for _ in range(world)]
-            dist.all_gather(parts, extra, group=self.group)
-            rest = torch.stack(parts).cpu().numpy()
-        rows = []
-        for r, count in enumerate(counts.tolist()):
-            rows.append(first[r, 1 : 1 + min(count, capacity)])
-            if rest is not None and count > capacity:
-                rows.append(rest[r, : count - capacity])
-        next_capacity = 1 << (longest - 1).bit_length() if longest > 0 else capacity
-        return np.concatenate(rows), next_capacity
-
-
-def _all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None, capacity: int) -> tuple[np.ndarray, int]:
-    """Concatenate every rank's [n_r, 2] rows in rank order (n_r may differ), as a host float64 array.
-
-    One all-gather in the steady state: each rank sends a header row holding its count plus up to
-    ``capacity`` rows, padded. Only when some rank has more rows does a second all-gather carry the
-    remainder. Returns the rows and the capacity for the next call: the smallest power of two that
-    held this call's largest count. Every rank derives it from the same gathered counts, so the
-    buffers of later calls agree in size on all ranks (which a collective requires).
-    """
-    return _Exchange(local, group, capacity).result()
-
-
 # --------------------------------------------------------------------------- construction
 
 
@@ -492,28 +420,6 @@ def sampler_from_config(diffusion: Any, device: torch.device | str = "cpu") -> T
 # --------------------------------------------------------------------------- observability
 
 
-def loss_quartile_metrics(
-    t: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray, num_timesteps: int
-) -> dict[str, float]:
-    """Mean loss of the samples whose t lies in each quarter of [0, T): ``loss_q0`` … ``loss_q3``.
-
-    Pass unweighted per-sample losses. Quarters with no sample are left out.
-    """
-    t_np = np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t).reshape(-1).astype(np.int64)
-    loss_np = np.asarray(
-        losses.detach().float().cpu() if isinstance(losses, torch.Tensor) else losses, dtype=np.float64
-    ).reshape(-1)
-    if t_np.shape != loss_np.shape:
-        raise ValueError(f"loss_quartile_metrics: t has {t_np.size} entries, losses {loss_np.size}")
-    quarter = (4 * t_np) // num_timesteps
-    out: dict[str, float] = {}
-    for q in range(4):
-        sel = quarter == q
-        if sel.any():
-            out[f"loss_q{q}"] = float(loss_np[sel].mean())
-    return out
-
-
 def sampler_summary_metrics(sampler: TimestepSampler) -> dict[str, float]:
     """Scalar health numbers: whether importance sampling is active, and the spread of p_t and weights."""
     probs = sampler.probabilities()
@@ -524,49 +430,3 @@ def sampler_summary_metrics(sampler: TimestepSampler) -> dict[str, float]:
         "ts_p_min_over_uniform": float(probs.min() * sampler.num_timesteps),
         "ts_weight_max": float(weights.max()),
     }
-
-
-def plot_timestep_importance(sampler: TimestepSampler, step: int | None = None) -> bytes:
-    """PNG bytes: p_t over t (against uniform) and, when there is a history, per-t mean/RMS loss."""
-    # The object-oriented API with an Agg canvas touches no global pyplot state or backend choice.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    num_t = sampler.num_timesteps
-    ts = np.arange(num_t)
-    stats = sampler.history_stats()
-    fig = Figure(figsize=(8, 6 if stats is not None else 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2 if stats is not None else 1, 1, sharex=True, squeeze=False)[:, 0]
-    title = f"timestep sampler: {sampler.kind.value}" + (f" (step {step})" if step is not None else "")
-    fig.suptitle(title)
-
-    ax = axes[0]
-    probs = sampler.probabilities()
-    ax.plot(ts, probs, lw=1.0, label="p_t")
-    ax.axhline(1.0 / num_t, color="grey", ls="--", lw=0.8, label="uniform 1/T")
-    if probs.min() > 0:  # p_t spans orders of magnitude once importance sampling is active
-        ax.set_yscale("log")
-    ax.set_ylabel("p_t")
-    ax.legend(loc="upper right", fontsize=8)
-
-    if stats is not None:
-        ax = axes[1]
-        ax.plot(ts, stats["rms"], lw=1.0, label="RMS of history (sqrt E[L_t²])")
-        ax.plot(ts, stats["mean"], lw=1.0, alpha=0.8, label="mean of history")
-        finite = stats["rms"][np.isfinite(stats["rms"])]
-        if finite.size and finite.min() > 0:
-            ax.set_yscale("log")
-        ax.set_ylabel("L_t (bits/dim)")
-        needed = getattr(sampler, "history_per_term", 0)
-        ax.set_title(
-            f"history: {int(stats['count'].min())} to {int(stats['count'].max())} values per t "
-            f"({needed} needed before importance sampling starts)",
-            fontsize=9,
-        )
-        ax.legend(loc="upper right", fontsize=8)
-    axes[-1].set_xlabel("t")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()

@@ -17,13 +17,9 @@ that accepts them and never answers (the worker then sits in a 10 s x 3-try HTTP
 delivered by then are reported in one warning line with their count; the worker is a daemon thread,
 so the process can exit.
 
-System metrics (CPU, memory, disk, network; GPU utilisation, memory and power where NVML is present via
-``nvidia-ml-py``) are sampled every ``system_metrics_interval_s`` with MLflow's own collectors
-(``mlflow.system_metrics.metrics``) and logged as ``system/<name>`` through the same queue, so they obey
-the same outage rules and follow a run that is only created later. MLflow's ``SystemMetricsMonitor`` is
-not used as is: it needs the run id up front, calls ``get_run`` on every sample, stops for good at the
-first failure, and joins its thread without a timeout. ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``
-turns them off. Only rank 0 logs, so they describe rank 0's node.
+System metrics (:mod:`trainer.system_metrics`) are sampled every ``system_metrics_interval_s`` and logged as
+``system/<name>`` through the same queue, so they obey the same outage rules and follow a run that is only
+created later. Only rank 0 logs, so they describe rank 0's node.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -42,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, TrackingConfig
+from trainer.console import one_line as _one_line
+from trainer.console import warn
+from trainer.system_metrics import SystemMetricsSampler, system_metrics_disabled
 
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 _METRIC_BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -73,12 +71,7 @@ def _is_permanent(err: Exception) -> bool:
 
 
 def _warn(msg: str) -> None:
-    print(f"[tracking] {msg}", file=sys.stderr, flush=True)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+    warn(f"[tracking] {msg}")
 
 
 def validate_uri(uri: str) -> None:
@@ -108,10 +101,6 @@ def validate_uri(uri: str) -> None:
         )
 
 
-def _system_metrics_disabled() -> bool:
-    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0")
-
-
 class Tracker:
     """The interface the trainer uses. This base class does nothing (ranks other than 0, or disabled)."""
 
@@ -129,63 +118,13 @@ class Tracker:
 
     def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None: ...
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every call made so far is delivered (at most ``timeout_s``); True if it was."""
+        return True
+
     @property
     def ui_hint(self) -> str:
         return ""
-
-
-class _SystemMetricsSampler:
-    """Samples MLflow's system-metric collectors on a daemon thread and hands each sample to ``emit``
-    (no I/O here, so a dead server cannot stop or slow it)."""
-
-    def __init__(self, interval_s: float, emit: Callable[[int, dict[str, float]], None]) -> None:
-        self.interval_s = interval_s
-        self._emit = emit
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mlflow-system-metrics", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _monitors() -> list[Any]:
-        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-        from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
-
-        monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-        errors = []
-        for gpu_cls in (GPUMonitor, ROCMMonitor):  # MLflow's own order: NVIDIA, then AMD
-            try:
-                monitors.append(gpu_cls())
-                break
-            except Exception as err:  # noqa: BLE001 - no GPU, no driver or no bindings
-                errors.append(_one_line(err))
-        else:
-            torch = sys.modules.get("torch")
-            if torch is not None and torch.cuda.is_available():
-                _warn(f"GPU system metrics unavailable: {errors[0]}")
-        return monitors
-
-    def _run(self) -> None:
-        try:
-            monitors = self._monitors()
-            for m in monitors:  # the first CPU sample has no interval to measure: discard it
-                m.collect_metrics()
-                m.clear_metrics()
-            while not self._stop.wait(self.interval_s):
-                values: dict[str, float] = {}
-                for m in monitors:
-                    m.collect_metrics()
-                    values.update(m.aggregate_metrics())
-                    m.clear_metrics()
-                self._emit(int(time.time() * 1000), values)
-        except Exception as err:  # noqa: BLE001 - system metrics must never disturb training
-            _warn(f"system metrics stopped: {_one_line(err)}")
-
-    def stop(self, timeout_s: float) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
 
 
 class MlflowTracker(Tracker):
@@ -240,9 +179,9 @@ class MlflowTracker(Tracker):
             self._failed_once = True
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._thread.start()
-        self._system: _SystemMetricsSampler | None = None
-        if system_metrics_interval_s and not _system_metrics_disabled():
-            self._system = _SystemMetricsSampler(system_metrics_interval_s, self._log_system_metrics)
+        self._system: SystemMetricsSampler | None = None
+        if system_metrics_interval_s and not system_metrics_disabled():
+            self._system = SystemMetricsSampler(system_metrics_interval_s, self._log_system_metrics)
 
     # -------------------------------------------------------------- run attach / create
     def _attach(self) -> None:
@@ -357,6 +296,13 @@ class MlflowTracker(Tracker):
     def set_tags(self, tags: dict[str, str]) -> None:
         self._submit("tags", list(tags.items()))
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        if self._closed:
+            return False
+        delivered = threading.Event()
+        self._submit("flush", delivered)
+        return delivered.wait(timeout_s)
+
     def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
         """End the run. Never raises; returns within ``timeout_s`` (default: the constructor's
         ``close_timeout_s``) whatever the server does; the daemon worker is then abandoned."""
@@ -428,6 +374,8 @@ class MlflowTracker(Tracker):
                 Path(args[0]).unlink(missing_ok=True)
         elif kind == "end":
             self.client.set_terminated(rid, status=args[0])
+        elif kind == "flush":
+            args[0].set()  # every call queued before it has been delivered
 
     def _next_batch(self) -> int:
         """How many pending calls, from the head, go out as one request."""

@@ -38,7 +38,7 @@ CLAIMS = {
 STAND_IN = (
     "FID here is not Inception-FID: the Inception-v3 weights cannot be downloaded on this machine and a network "
     "trained on ImageNet photos says little about 16x16 digits. It is the Fréchet distance in the 128-d hidden "
-    "layer of a small CNN classifier trained by the script on the digits train split (`trainer.features."
+    "layer of a small CNN classifier trained by the script on the digits train split (`trainer.evaluation.features."
     "train_classifier`), against the train split's statistics; its numbers compare only with each other (same "
     "classifier, same sample count). Class coverage (classes holding >= 5% of the samples by the classifier's "
     "prediction, and the entropy of the predicted-class histogram / log 10) stands in for the diversity that "
@@ -88,12 +88,12 @@ def score_samples(d: Path, clf: Path, ref: Path) -> dict[str, Any]:
     coverage from its predictions; ``d/quality.json`` is written last (it marks the set as done)."""
     from scipy import special
 
-    from trainer import quality_cli
-    from trainer.features import load_feature_net
+    from trainer.evaluation import scoring
+    from trainer.evaluation.features import load_feature_net
 
     raw = d / "quality_raw.json"
     argv = [str(d), "--ref", str(ref), "--features", str(clf), "--device", "cpu", "--no-mlflow", "--out", str(raw)]
-    if quality_cli.main("quality", argv) != 0:
+    if scoring.main("quality", argv) != 0:
         raise RuntimeError(f"evaluate.py quality failed on {d}")
     with np.load(d / "samples.npz", allow_pickle=False) as z:
         images = z["arr_0"]
@@ -130,8 +130,8 @@ def respaced_bpd(export: Path, data: Path, n: int, steps: list[int], batch: int)
     import torch
 
     from trainer.diffusion import create_diffusion
-    from trainer.inference import load_for_inference
-    from trainer.parts import part_seed, split_range
+    from trainer.evaluation.inference import load_for_inference
+    from trainer.evaluation.parts import part_seed, split_range
 
     cfg, model, meta = load_for_inference(str(export), True, None, torch.device("cpu"))
     images, labels = read_split(data, "val", n)
@@ -472,7 +472,7 @@ def verdicts(part: int, arms: dict[str, dict[str, Any]]) -> tuple[list[str], dic
         rec = (
             f"Recommended default: `diffusion.history_term: {winner}` (lower final bits/dim; {how})."
             if winner
-            else f"No recommendation between the histories ({how}): keep `diffusion.history_term: vb`."
+            else f"No recommendation between the histories ({how}): keep the default `diffusion.history_term: loss`."
         )
         rec += f" Loss noise: {quieter} gives the less noisy train/loss ({how_noise})."
         if S[u]["bpd"].get("n") and not firm_gain:

@@ -23,7 +23,7 @@ What runs. Every (arm, seed) is one training run in ``<out>/runs/<arm>/seed<k>/`
 (``python trainer/main.py --config configs/experiments/<arm>.yaml --resume auto ...``), then its bits/dim on the
 val split: the exact bound over all T steps of the first ``--bpd-images`` val images (``trainer/evaluate.py
 bpd``, the same images and noise for every model, so arms compare paired). Experiment 5 trains a small digit
-classifier on the train split (``trainer.features.train_classifier``; its held-out accuracy is reported),
+classifier on the train split (``trainer.evaluation.features.train_classifier``; its held-out accuracy is reported),
 computes reference statistics of the train split in its feature space (``evaluate.py stats``), samples with
 ``trainer/sample.py`` and scores every sample set with ``evaluate.py quality`` (FID, precision, recall, KID)
 plus class coverage from the classifier's predictions. It also computes, in this process, the bound of the
@@ -253,7 +253,7 @@ class Runner:
             import numpy as np
             import torch
 
-            from trainer.features import train_classifier
+            from trainer.evaluation.features import train_classifier
 
             t = time.perf_counter()
             x, y = report.read_split(self.data, "train")
@@ -271,10 +271,10 @@ class Runner:
             )
             self.say(f"classifier: val accuracy {acc:.3f} ({report.fmt_time(time.perf_counter() - t)})")
         if not ref.is_file():
-            from trainer import quality_cli
+            from trainer.evaluation import scoring
 
             argv = ["--data", str(self.data), "--split", "train", "--features", str(clf), "--out", str(ref)]
-            if quality_cli.main("stats", [*argv, "--device", "cpu"]) != 0:
+            if scoring.main("stats", [*argv, "--device", "cpu"]) != 0:
                 raise RuntimeError("evaluate.py stats failed")
         return clf, ref
 

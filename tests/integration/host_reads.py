@@ -5,7 +5,7 @@ tensor's value by the host (``.item()``, ``bool()``, ``float()``, ``.tolist()``)
 
 On a GPU such a read waits for all work queued before it. The trainer may read only values copied
 to the host a step earlier (:class:`trainer.distributed.HostCopy`, read during a later
-``train_step``), or anything at a step whose number is a log/checkpoint/stop step. A CPU run cannot
+``TrainStep.run``), or anything at a step whose number is a log/checkpoint/stop step. A CPU run cannot
 time a GPU stall, but it can see every read and where it came from: that is what this records.
 
 Reads made by the data pipeline (host-side images, never on the device) and by libraries (DeepSpeed,
@@ -31,7 +31,7 @@ from trainer.main import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
-launch = [0]  # train_step calls so far
+launch = [0]  # TrainStep.run calls so far
 records: list[dict] = []
 allowed = [0]  # > 0 while a HostCopy is being read
 
@@ -113,33 +113,35 @@ def main() -> None:
     cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
     env = distributed.init_distributed()
     trainer = Trainer(cfg, env)
-    trainer.start_tracking(None)
-    trainer.t_window = trainer.t_start = 0.0
-    trainer.step_start = 0
-    original_step = trainer.train_step
+    trainer.resume("none")
+    step, state = trainer.step, trainer.state
+    run, settle = step.run, step.settle
+    per_launch: list[dict] = []
 
-    def counted_step():  # noqa: ANN202
+    def counted_run(batch):  # noqa: ANN001, ANN202
         launch[0] += 1
+        per_launch.append({"launch": launch[0], "settled": False, "step": None})
         in_step[0] = True
         try:
-            return original_step()
+            return run(batch)
         finally:
             in_step[0] = False
 
-    trainer.train_step = counted_step  # type: ignore[method-assign]
-    per_launch: list[dict] = []
-    saved_at = -1
+    def counted_settle():  # noqa: ANN202
+        outcome = settle()
+        if not in_step[0]:  # the loop settled the step it just launched: a log/checkpoint/stop step
+            per_launch[-1].update(settled=True, step=state.step + int(outcome.kept))
+        return outcome
+
+    step.run, step.settle = counted_run, counted_settle  # type: ignore[method-assign]
     torch.Tensor.tolist = _counted_tolist  # type: ignore[method-assign]
     try:
-        while trainer.state.step + (trainer.inflight is not None) < cfg.train.total_steps:
-            with Reads():
-                saved_at, _stop = trainer.advance(saved_at)
-            # Settled at once (a log/checkpoint step) or left in flight for the next train_step to read.
-            per_launch.append({"launch": launch[0], "settled": trainer.inflight is None, "step": trainer.state.step})
+        with Reads():
+            trainer.fit()
     finally:
         torch.Tensor.tolist = _tolist  # type: ignore[method-assign]
     with _Allowed():
-        trainer.tracker.close(status="FINISHED")
+        trainer.identity.tracker.close(status="FINISHED")
     distributed.shutdown()
     out.write_text(json.dumps({"reads": records, "copies": copies, "launches": per_launch}, indent=1))
 

@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import trainer.main as trainer_main  # noqa: E402
+from trainer.builders import Builders  # noqa: E402
 from trainer.diffusion.gaussian import GaussianDiffusion  # noqa: E402
+from trainer.engine import build_engine  # noqa: E402
 
 
 def _attempts(spec: str) -> set[int]:
@@ -50,11 +52,8 @@ def _losses(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
     return terms
 
 
-_original_build = trainer_main.build_engine
-
-
-def _build(cfg, model, gate=None):  # noqa: ANN001, ANN202
-    engine = _original_build(cfg, model, gate)
+def _build(cfg, rt, model, gate):  # noqa: ANN001, ANN202
+    engine = build_engine(cfg, rt, model, gate)
     first = next(p for p in engine.module.parameters() if p.requires_grad)
     # Registered before the trainer's own checks, so they see the poisoned gradient.
     first.register_hook(lambda g: g * float("nan") if MODE == "grad" and _now_bad() else None)
@@ -62,9 +61,8 @@ def _build(cfg, model, gate=None):  # noqa: ANN001, ANN202
 
 
 GaussianDiffusion.training_losses = _losses
-trainer_main.build_engine = _build
 torch.manual_seed(0)  # (the trainer seeds itself; this only fixes the import-time state)
 
 if __name__ == "__main__":
     sys.argv[0] = "trainer/main.py"
-    sys.exit(trainer_main.main(sys.argv[1:]))
+    sys.exit(trainer_main.main(sys.argv[1:], builders=Builders(engine=_build)))

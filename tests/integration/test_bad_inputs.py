@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from data_prep.manifest import Manifest, SplitInfo, write_json_atomic
-from tests.conftest import TINY_MODEL, run_cmd
+from tests.conftest import TINY_MODEL, run_cmd, train_tiny_export
 
 TRAIN = [sys.executable, "trainer/main.py", "--config", "configs/quickstart.yaml", *TINY_MODEL]
 SAMPLE = [sys.executable, "trainer/sample.py"]
@@ -162,19 +162,7 @@ def test_verify_on_manifest_without_train_samples(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def export(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``export.pt`` of a 2-step run (plain python, one process)."""
-    out = tmp_path_factory.mktemp("export_run")
-    cmd = [
-        *TRAIN,
-        f"data.root={digits_shards}",
-        f"train.output_dir={out}",
-        "train.total_steps=2",
-        "tracking.enabled=false",
-        "train.zero_stage=0",
-    ]
-    proc = run_cmd(cmd, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    (path,) = out.glob("checkpoints/*/export.pt")
-    return path
+    return train_tiny_export(digits_shards, tmp_path_factory.mktemp("export_run"), "train.total_steps=2")
 
 
 def _inference_cmds(path: Path, tmp_path: Path) -> dict[str, list[str]]:

@@ -8,35 +8,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_MODEL, child_env, run_cmd
+from tests.conftest import REPO, child_env, run_cmd, train_tiny_export
 
 pytestmark = pytest.mark.slow
-
-TRAIN = [sys.executable, "trainer/main.py", "--config", "configs/quickstart.yaml", *TINY_MODEL]
 
 
 @pytest.fixture(scope="module")
 def export(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("infer_run")
-    cmd = [
-        *TRAIN,
-        f"data.root={digits_shards}",
-        f"train.output_dir={out}",
-        "diffusion.steps=20",
-        "train.total_steps=3",
-        "tracking.enabled=false",
-        "train.zero_stage=0",
-    ]
-    proc = run_cmd(cmd, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    (path,) = out.glob("checkpoints/*/export.pt")
-    return path
+    return train_tiny_export(digits_shards, out, "diffusion.steps=20", "train.total_steps=3")
 
 
 def launch(script: str, args: list[str], nproc: int, launcher: str = "torchrun") -> list[str]:
@@ -118,16 +103,25 @@ def test_bpd_on_two_ranks_equals_one_process(export: Path, tmp_path: Path) -> No
     assert one["bits_per_dim"] == pytest.approx(sum(one["vb_per_t"]) + one["prior_bpd"], rel=1e-6)
 
 
-def kill_after_first_part(cmd: list[str], parts: Path) -> None:
+def kill_after_first_part(tool: str, args: list[str]) -> None:
+    """Run ``tool`` held after its first part (tests/integration/hold_parts.py), then kill it there."""
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        [sys.executable, "tests/integration/hold_parts.py", tool, *args],
+        cwd=REPO,
+        env=child_env(HOLD_AFTER="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
-    deadline = time.monotonic() + 300
     try:
-        while not list(parts.glob("part_*.npz")):
-            assert proc.poll() is None, "finished or died before writing a part"
-            assert time.monotonic() < deadline, "no part written in 300 s"
-            time.sleep(0.02)
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("held after 1 part"):
+                break
+        assert lines and lines[-1].startswith("held after 1 part"), "".join(lines)[-2000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -141,20 +135,22 @@ def snapshot(parts: Path) -> dict[str, int]:
 @pytest.mark.parametrize("tool", ["sample", "bpd"])
 def test_resume_after_kill_redoes_only_missing_parts(export: Path, tmp_path: Path, tool: str) -> None:
     if tool == "sample":
-        # Full 20-step DDPM on 64 samples: 16 parts, slow enough to be killed in the middle.
-        make = lambda out: launch("trainer/sample.py", sample_args(export, out, n=64, method="ddpm", steps=""), 1)  # noqa: E731
+        # Full 20-step DDPM on 64 samples: 16 parts.
+        args = lambda out: sample_args(export, out, n=64, method="ddpm", steps="")  # noqa: E731
+        make = lambda out: launch("trainer/sample.py", args(out), 1)  # noqa: E731
         parts_of = lambda out: out / "parts"  # noqa: E731
         result = lambda out: np.load(out / "samples.npz")["arr_0"]  # noqa: E731
         killed, clean = tmp_path / "killed", tmp_path / "clean"
     else:
-        make = lambda out: launch("trainer/evaluate.py", bpd_args(export, out, n=64), 1)  # noqa: E731
+        args = lambda out: bpd_args(export, out, n=64)  # noqa: E731
+        make = lambda out: launch("trainer/evaluate.py", args(out), 1)  # noqa: E731
         parts_of = lambda out: out.parent / f"{out.stem}_parts" / "parts"  # noqa: E731
         result = lambda out: json.loads(out.read_text())["vb_per_t"]  # noqa: E731
         killed, clean = tmp_path / "killed.json", tmp_path / "clean.json"
 
-    kill_after_first_part(make(killed), parts_of(killed))
+    kill_after_first_part("sample" if tool == "sample" else "evaluate", args(killed))
     before = snapshot(parts_of(killed))
-    assert 0 < len(before) < 16, f"kill landed at {len(before)} of 16 parts"
+    assert len(before) == 1, f"kill landed at {len(before)} of 16 parts"
     rerun = ok(run_cmd(make(killed)))
     assert f"resuming: {len(before)} of 16 parts already" in rerun.stdout
     after = snapshot(parts_of(killed))

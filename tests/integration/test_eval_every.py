@@ -41,8 +41,8 @@ def fid_files(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A digits classifier (2 epochs) and the reference statistics of the train split under it."""
     from trainer.config import DataConfig
     from trainer.data import load_manifest, read_ranges
-    from trainer.features import train_classifier
-    from trainer.quality import save_reference
+    from trainer.evaluation.features import train_classifier
+    from trainer.evaluation.quality import save_reference
 
     info = load_manifest(str(digits_shards))
     cfg = DataConfig(root=str(digits_shards), batch_size=256, num_workers=0, pin_memory=False, random_flip=False)

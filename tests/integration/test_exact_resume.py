@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -126,30 +125,33 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(p, sig)
 
 
-def _interrupt(args: list[str], after_line: str, sig: signal.Signals) -> str:
-    """Start a 2-rank run and send ``sig`` to its whole process group once ``after_line`` was printed.
+HOLD = 24
+"""The step at which the interrupted run is held (tests/integration/hold_at.py): a log step for every
+log_every below, past the checkpoint at 16 and before the one at 32."""
+
+
+def _interrupt(args: list[str], sig: signal.Signals) -> str:
+    """Start a 2-rank run held at step :data:`HOLD` (its tracked points delivered) and send ``sig`` there.
 
     SIGKILL is a hard kill of the launcher and every rank. SIGUSR2 is the scheduler's stop signal, sent
     to the ranks: they agree on a step, save and exit, as under SLURM."""
     proc = subprocess.Popen(
-        torchrun_cmd(2, args),
+        torchrun_cmd(2, args, script="tests/integration/hold_at.py"),
         cwd=REPO,
-        env=child_env(),
+        env=child_env(HOLD_AT=str(HOLD)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     seen: list[str] = []
+    held = f"held at step {HOLD}"
     try:
         assert proc.stdout is not None
-        deadline = time.monotonic() + 300
         for line in proc.stdout:
             seen.append(line)
-            if line.startswith(after_line) or time.monotonic() > deadline:
+            if line.startswith(held):
                 break
-        assert any(ln.startswith(after_line) for ln in seen), "".join(seen)[-3000:]
-        if sig == signal.SIGKILL:
-            time.sleep(1.0)  # let the tracker deliver the latest steps, so that the resume must skip them
+        assert any(ln.startswith(held) for ln in seen), "".join(seen)[-3000:]
         family = _descendants(proc.pid)
         _signal_all([proc.pid, *family] if sig == signal.SIGKILL else family, sig)
         rest, _ = proc.communicate(timeout=300)
@@ -183,7 +185,7 @@ def test_resume_is_bitwise_exact(
     """N steps straight == interrupted after N/2 (kill -9 between checkpoints, or the scheduler's stop
     signal) + ``--resume auto`` to N, compared bit for bit. With ``log_every=3`` most steps' verdicts
     (non-finite? stop?) are read a step late, as on a GPU; with 1 every step is settled at once."""
-    total = 40  # steps take ~0.1 s: long enough for the signal to land mid-run
+    total = 40
     common = [
         *BASE,
         f"data.root={digits_shards}",
@@ -198,16 +200,18 @@ def test_resume_is_bitwise_exact(
     uri_a, uri_b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     _train([*common, f"train.output_dir={straight}", f"tracking.uri={uri_a}"])
 
-    out = _interrupt([*common, f"train.output_dir={split}", f"tracking.uri={uri_b}"], f"step 18/{total}", stop)
+    out = _interrupt([*common, f"train.output_dir={split}", f"tracking.uri={uri_b}"], stop)
     ckpts = split / "checkpoints"
     latest = (ckpts / "latest").read_text().strip()
     at = int(latest.removeprefix("step_"))
-    assert 16 <= at < total, out[-3000:]
     if stop == signal.SIGKILL:
-        # Steps after the checkpoint were lost and will be re-trained; they were logged once already,
-        # so the resume must skip them in MLflow and reproduce them exactly.
-        assert max(_losses(uri_b)) > at, out[-3000:]
+        # Steps 17..24 were lost and will be re-trained; they were logged once already, so the resume must
+        # skip them in MLflow and reproduce them exactly.
+        assert at == 16 and max(_losses(uri_b)) == HOLD, out[-3000:]
     else:
+        # Every rank got the signal while held after step 24, so step 25 carries it in its verdict. Settled at
+        # once (log_every=1), every rank stops after 25; read a step late, after 26, which is then settled at once.
+        assert at == HOLD + (1 if log_every == 1 else 2), out[-3000:]
         assert f"stop signal received at step {at}" in out, out[-3000:]
 
     log = _train([*common, f"train.output_dir={split}", f"tracking.uri={uri_b}"])

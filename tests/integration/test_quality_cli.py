@@ -22,8 +22,8 @@ EVALUATE = [sys.executable, "trainer/evaluate.py"]
 @pytest.fixture(scope="module")
 def classifier(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.data import load_manifest
-    from trainer.features import train_classifier
-    from trainer.quality_cli import read_split_uint8
+    from trainer.evaluation.features import train_classifier
+    from trainer.evaluation.scoring import read_split_uint8
 
     images = read_split_uint8(str(digits_shards), "train", None, 256)
     labels = _labels(digits_shards, len(images))
@@ -50,7 +50,7 @@ def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
 
 
 def test_stats_then_quality(digits_shards: Path, classifier: Path, tmp_path: Path) -> None:
-    from trainer.quality_cli import read_split_uint8
+    from trainer.evaluation.scoring import read_split_uint8
 
     ref = tmp_path / "ref.npz"
     ok(run_cmd([*EVALUATE, "stats", "--data", str(digits_shards), "--features", str(classifier), "--out", str(ref)]))
@@ -77,7 +77,7 @@ def test_reference_from_another_network_is_refused(digits_shards: Path, classifi
     ref = tmp_path / "ref.npz"
     cmd = [*EVALUATE, "stats", "--data", str(digits_shards), "--max-images", "200", "--features", str(classifier)]
     ok(run_cmd([*cmd, "--out", str(ref)]))
-    from trainer.features import ClassifierFeatures
+    from trainer.evaluation.features import ClassifierFeatures
 
     other = ClassifierFeatures.load(classifier)
     with torch.no_grad():

@@ -17,11 +17,12 @@ from trainer.distributed import free_port
 pytestmark = pytest.mark.slow
 
 
-def _train(precision: str, allreduce: bool) -> tuple[bool, list[torch.Tensor]]:
+def _train(env: object, precision: str, allreduce: bool) -> tuple[bool, list[torch.Tensor]]:
     from trainer.config import load_config
+    from trainer.diffusion import diffusion_from_config
     from trainer.engine import build_engine, model_fn
-    from trainer.inference import base_diffusion
     from trainer.models.unet import build_unet
+    from trainer.runtime import resolve
 
     cfg = load_config(
         REPO / "configs" / "quickstart.yaml",
@@ -29,10 +30,10 @@ def _train(precision: str, allreduce: bool) -> tuple[bool, list[torch.Tensor]]:
     )
     torch.manual_seed(0)
     model = build_unet(cfg.model, image_size=8, in_channels=1, learn_sigma=True)
-    engine = build_engine(cfg, model)
+    engine = build_engine(cfg, resolve(cfg, env), model)
     skipped = not engine.enable_backward_allreduce
     engine.enable_backward_allreduce = allreduce
-    call, diffusion = model_fn(engine), base_diffusion(cfg)
+    call, diffusion = model_fn(engine), diffusion_from_config(cfg.diffusion)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         x = torch.randn(4, 1, 8, 8, generator=gen)
@@ -48,13 +49,13 @@ def _worker(rank: int, port: int, out: str) -> None:
 
     # The launcher contract for a world of one (the trainer's own setup, which skips DeepSpeed's JIT builds).
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    distributed.init_distributed()
+    env = distributed.init_distributed()
     torch.set_num_threads(1)
     try:
         result = {}
         for precision in ("fp32", "bf16"):
-            skipped, without = _train(precision, allreduce=False)
-            _, with_allreduce = _train(precision, allreduce=True)
+            skipped, without = _train(env, precision, allreduce=False)
+            _, with_allreduce = _train(env, precision, allreduce=True)
             result[precision] = {"skipped": skipped, "without": without, "with": with_allreduce}
         torch.save(result, Path(out) / "r.pt")
     finally:

@@ -138,28 +138,37 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
 
 
 def test_deepspeed_config_layers(tmp_path: Path) -> None:
+    import torch
+
+    from trainer.distributed import DistEnv
+    from trainer.runtime import resolve
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend="gloo")
+
+    def ds_for(overrides: list[str]) -> dict:
+        cfg = load_config(None, overrides)
+        return deepspeed_config(cfg, resolve(cfg, env))
+
     user = write(
         tmp_path,
         "ds.json",
         '{"zero_optimization": {"stage": 3, "overlap_comm": true}, "bf16": {"enabled": false}}',
     )
-    cfg = load_config(None, [f"train.deepspeed_config={user}", "data.batch_size=8", "train.grad_accum=2"])
-    ds = deepspeed_config(cfg)
+    ds = ds_for([f"train.deepspeed_config={user}", "data.batch_size=8", "train.grad_accum=2"])
     # Unset YAML stage/precision fall back to the JSON's; derived batch settings are ours.
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert ds["bf16"] == {"enabled": False}
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
-    cfg = load_config(
-        None,
-        [f"train.deepspeed_config={user}", "train.zero_stage=1", "train.deepspeed={bf16: {enabled: true}}"],
+    # train.deepspeed wins over the JSON file.
+    ds = ds_for(
+        [f"train.deepspeed_config={user}", "train.deepspeed={bf16: {enabled: true}, zero_optimization: {stage: 1}}"]
     )
-    ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"] is True
     bad = write(tmp_path, "opt.json", '{"optimizer": {"type": "AdamW"}}')
     with pytest.raises(ConfigError, match="remove 'optimizer'"):
-        deepspeed_config(load_config(None, [f"train.deepspeed_config={bad}"]))
+        ds_for([f"train.deepspeed_config={bad}"])
     with pytest.raises(ConfigError, match="file not found"):
-        deepspeed_config(load_config(None, [f"train.deepspeed_config={tmp_path / 'missing.json'}"]))
+        ds_for([f"train.deepspeed_config={tmp_path / 'missing.json'}"])
 
 
 def test_lr_schedule_matches_closed_form() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.features import (
+from trainer.evaluation.features import (
     ClassifierFeatures,
     FeatureNet,
     InceptionV3FID,
@@ -16,12 +16,13 @@ from trainer.features import (
     load_feature_net,
     train_classifier,
 )
-from trainer.quality import Features, QualityError
+from trainer.evaluation.quality import Features, QualityError
 
 
 def _inception_table() -> dict[str, tuple[int, ...]]:
     """Parameter shapes of pytorch-fid's FID Inception (torchvision names, aux logits off, 1008 classes),
-    written out from the architecture rather than from trainer.features: (name, in, out, kernel h, kernel w)."""
+    written out from the architecture rather than from trainer.evaluation.features: (name, in, out, kernel h,
+    kernel w)."""
     convs = [
         ("Conv2d_1a_3x3", 3, 32, 3, 3),
         ("Conv2d_2a_3x3", 32, 32, 3, 3),

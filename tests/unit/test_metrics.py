@@ -30,7 +30,7 @@ def test_window_means_match_a_float64_recount() -> None:
             lst.append(v)
         scalars.append(scalar)
     t, loss, mse, vb, wt = (np.concatenate(v) for v in (all_t, all_loss, all_mse, all_vb, all_w))
-    assert w.micro_batches == 3
+    assert w.steps == 3
     out = w.reduce()
     assert out["loss"] == pytest.approx(np.mean(scalars))
     assert out["mse"] == pytest.approx(np.mean(mse * wt))
@@ -38,7 +38,7 @@ def test_window_means_match_a_float64_recount() -> None:
     assert out["loss_q0"] == pytest.approx(loss[t < 2].mean())
     assert out["loss_q1"] == pytest.approx(loss[(t >= 2) & (t < 4)].mean())
     assert "loss_q2" not in out and "loss_q3" not in out  # no sample there: left out, not zero
-    assert w.micro_batches == 0 and w.reduce()["loss"] == 0.0  # reset after reduce
+    assert w.steps == 0 and w.reduce()["loss"] == 0.0  # reset after reduce
 
 
 def test_discarded_step_leaves_no_trace_and_extras_are_summed() -> None:
@@ -55,6 +55,6 @@ def test_discarded_step_leaves_no_trace_and_extras_are_summed() -> None:
     state = w.state_dict()
     out = w.reduce(extra={"data/skipped": 5.0})
     assert out["loss"] == 2.0 and out["mse"] == 2.0 and out["data/skipped"] == 5.0
-    assert "loss_q1" not in out and w.micro_batches == 0
+    assert "loss_q1" not in out and w.steps == 0
     w.load_state_dict(state)
-    assert w.micro_batches == 1 and w.reduce()["loss_q3"] == 3.0
+    assert w.steps == 1 and w.reduce()["loss_q3"] == 3.0

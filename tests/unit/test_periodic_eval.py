@@ -1,4 +1,4 @@
-"""The bits/dim estimate of ``trainer/periodic_eval.py`` against the exact bound, and its config keys."""
+"""The bits/dim estimate of ``trainer/evaluation/periodic.py`` against the exact bound, and its config keys."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from trainer.config import ConfigError, ModelConfig, load_config
 from trainer.diffusion import create_diffusion
+from trainer.evaluation.periodic import GROUPS, bpd_terms, draw_timesteps, strata, term_group, weighted_sums
 from trainer.models.unet import build_unet
-from trainer.periodic_eval import GROUPS, bpd_terms, draw_timesteps, strata, term_group, weighted_sums
 
 T = 20
 

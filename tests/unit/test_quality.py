@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from trainer import quality
-from trainer.quality import (
+from trainer.evaluation import quality
+from trainer.evaluation.quality import (
     Features,
     FeatureStats,
     QualityError,
@@ -279,7 +279,7 @@ def test_reference_errors_are_one_line(tmp_path) -> None:
 def test_missing_inception_weights_error_is_one_line(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from trainer.features import INCEPTION_URL, InceptionV3FID
+    from trainer.evaluation.features import INCEPTION_URL, InceptionV3FID
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)  # no set_dir() override: the env var decides

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.runtime import choose_precision, cpu_flags, loader_defaults, plan_batch, resolve
+from trainer.distributed import DistEnv
+from trainer.engine import deepspeed_config
+from trainer.runtime import LoaderSettings, choose_precision, cpu_flags, loader_defaults, plan_batch, resolve
 
 AVX2_EPYC = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -26,7 +30,7 @@ def test_auto_precision_follows_native_bf16() -> None:
     assert choose_precision("auto", "cpu", False, cpu_flags(SAPPHIRE))[0] == "bf16"
     assert choose_precision("auto", "cuda", True, set())[0] == "bf16"
     assert choose_precision("auto", "cuda", False, set())[0] == "fp32"  # e.g. a V100
-    assert choose_precision("auto", "cpu", False, set(), json_bf16=True)[0] == "bf16"  # the user's JSON decides
+    assert choose_precision("auto", "cpu", False, set(), user_bf16=True)[0] == "bf16"  # the user's JSON decides
 
 
 def test_explicit_bf16_without_hardware_warns_and_is_kept() -> None:
@@ -69,12 +73,28 @@ def test_loader_defaults_per_device() -> None:
     assert loader_defaults(2, False, "cuda") == (2, False)
 
 
-def test_resolve_gives_a_config_the_engine_can_use() -> None:
+def test_resolve_decides_once_and_leaves_the_config_alone() -> None:
     cfg = load_config("configs/cifar10_hybrid.yaml", ["data.batch_size=16"])
-    resolved, info, _ = resolve(cfg, torch.device("cpu"), world_size=4)
-    assert resolved.train.precision in ("bf16", "fp32")
-    assert resolved.data.global_batch_size == 128
-    assert (resolved.data.batch_size, resolved.train.grad_accum) == (16, 2)
-    assert resolved.data.num_workers == 0 and resolved.data.pin_memory is False
-    assert any(line.startswith("batch 128 per step = 4 ranks x 2 accumulation x 16") for line in info)
-    assert cfg.data.batch_size == 16 and cfg.train.precision == "auto"  # the input is left alone
+    env = DistEnv(rank=0, local_rank=0, world_size=4, local_world_size=4, device=torch.device("cpu"), backend="gloo")
+    rt = resolve(cfg, env)
+    assert rt.precision in ("bf16", "fp32") and rt.zero_stage == 2
+    assert rt.batch.global_batch == 128
+    assert (rt.batch.micro_batch, rt.batch.grad_accum) == (16, 2)
+    assert rt.loader == LoaderSettings(batch_size=16, num_workers=0, pin_memory=False)
+    assert any(line.startswith("batch 128 per step = 4 ranks x 2 accumulation x 16") for line in rt.lines())
+    assert cfg.data.batch_size == 16 and cfg.train.precision == "auto"  # the config keeps the user's requests
+    ds = deepspeed_config(cfg, rt, n_params=1000)
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["bf16"] == {"enabled": rt.precision == "bf16"} and ds["zero_optimization"]["stage"] == 2
+
+
+def test_explicit_settings_that_contradict_the_deepspeed_json_are_refused(tmp_path: Path) -> None:
+    user = tmp_path / "ds.json"
+    user.write_text('{"zero_optimization": {"stage": 3}, "bf16": {"enabled": false}}')
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ConfigError, match=r"^train.zero_stage=1 contradicts zero_optimization.stage=3"):
+        resolve(load_config(None, [f"train.deepspeed_config={user}", "train.zero_stage=1"]), env)
+    with pytest.raises(ConfigError, match=r"^train.precision=bf16 contradicts bf16.enabled=false"):
+        resolve(load_config(None, [f"train.deepspeed_config={user}", "train.precision=bf16"]), env)
+    rt = resolve(load_config(None, [f"train.deepspeed_config={user}", "train.zero_stage=3"]), env)
+    assert (rt.zero_stage, rt.precision) == (3, "fp32")

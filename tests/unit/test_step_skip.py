@@ -125,7 +125,7 @@ def test_the_loss_window_counts_only_settled_kept_steps() -> None:
     stage(3.0)
     w.settle(keep=False)  # the step of loss 100 was skipped
     w.settle(keep=True)  # the step of loss 3
-    assert w.micro_batches == 2
+    assert w.steps == 2
     assert w.reduce()["loss"] == 2.0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 import threading
 import time
 from io import StringIO
@@ -25,6 +26,7 @@ from cluster.request import (
     render_sbatch,
     slurm_parameters,
 )
+from tests.conftest import run_cmd
 from trainer.config import ClusterConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,9 +45,10 @@ def sbatch_lines(text: str) -> dict[str, str | bool]:
 
 @pytest.fixture
 def partitions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Pretend the cluster has these partitions (no sinfo call)."""
+    """Pretend SLURM is here, with these partitions (no sbatch or sinfo call)."""
     names = ["cpu", "gpu"]
     monkeypatch.setattr(submit, "available_partitions", lambda: names)
+    monkeypatch.setattr(submit, "slurm_available", lambda: True)
     return names
 
 
@@ -357,6 +360,26 @@ def test_missing_data_and_missing_config_are_refused(
     assert code == 2 and f"no manifest.json in {tmp_path}/none" in err
     code, _, err = run_main(["--config", str(tmp_path / "absent.yaml"), "--dry-run"], capsys)
     assert code == 2 and "config file not found" in err
+
+
+def test_the_mission_command_without_slurm_names_local_and_dry_run(tmp_path: Path) -> None:
+    """``python cluster/submit.py --nodes 4`` as typed: the default config (as trainer/main.py), and on a machine
+    without SLURM one line pointing to --local and --dry-run, before anything is written."""
+    bin_dir = tmp_path / "bin"  # a PATH with python but no sbatch, whatever this machine has
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    proc = run_cmd([sys.executable, "cluster/submit.py", "--nodes", "4"], timeout=120, PATH=str(bin_dir))
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [
+        "error: no SLURM on this machine (sbatch not found on PATH): run on this machine with --local (one node), "
+        "or see the job script with --dry-run"
+    ], proc.stderr
+    proc = run_cmd([sys.executable, "cluster/submit.py", "--nodes", "4", "--dry-run", "--skip-data-check"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "#SBATCH --nodes=4" in proc.stdout and "--config', '" + str(REPO / "configs" / "quickstart.yaml") in proc.stdout
+    )
 
 
 # ------------------------------------------------------------------------------ the callable

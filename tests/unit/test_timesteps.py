@@ -10,13 +10,12 @@ import torch
 from PIL import Image
 
 from trainer.config import DiffusionConfig
+from trainer.pictures import plot_timestep_importance
 from trainer.timesteps import (
     LossSecondMomentSampler,
     TimestepSampler,
     UniformSampler,
     create_timestep_sampler,
-    loss_quartile_metrics,
-    plot_timestep_importance,
     sampler_from_config,
     sampler_summary_metrics,
 )
@@ -285,19 +284,6 @@ def test_factory_and_config() -> None:
 
 
 # --------------------------------------------------------------------------- observability
-
-
-def test_loss_quartile_metrics() -> None:
-    t = torch.tensor([0, 249, 250, 499, 999, 998, 2])
-    losses = torch.tensor([1.0, 3.0, 10.0, 20.0, 7.0, 5.0, 2.0])
-    m = loss_quartile_metrics(t, losses, 1000)
-    assert m == pytest.approx({"loss_q0": 2.0, "loss_q1": 15.0, "loss_q3": 6.0})  # q2 empty: omitted
-    assert loss_quartile_metrics(np.array([0, 1, 2, 3]), np.array([1.0, 2, 3, 4]), 4) == {
-        "loss_q0": 1.0,
-        "loss_q1": 2.0,
-        "loss_q2": 3.0,
-        "loss_q3": 4.0,
-    }
 
 
 def test_plot_and_summary() -> None:

@@ -5,9 +5,14 @@ Pure PyTorch (+ numpy for float64 tables); knows nothing of DeepSpeed, tracking 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, parse_enum
 from .respace import respace, space_timesteps
 from .schedules import ScheduleType, get_betas
+
+if TYPE_CHECKING:
+    from trainer.config import DiffusionConfig
 
 
 def create_diffusion(
@@ -32,6 +37,18 @@ def create_diffusion(
     return respace(base, respacing) if respacing else base
 
 
+def diffusion_from_config(d: DiffusionConfig) -> GaussianDiffusion:
+    """The (unrespaced) diffusion a ``diffusion:`` config section describes: training, bits/dim, sampling."""
+    return create_diffusion(
+        steps=d.steps,
+        schedule=d.schedule,
+        mean_type=d.mean_type,
+        var_type=d.var_type,
+        loss=d.loss,
+        vlb_weight=d.vlb_weight,
+    )
+
+
 __all__ = [
     "GaussianDiffusion",
     "LossType",
@@ -39,6 +56,7 @@ __all__ = [
     "ModelVarType",
     "ScheduleType",
     "create_diffusion",
+    "diffusion_from_config",
     "get_betas",
     "respace",
     "space_timesteps",

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from trainer.models.nn import GroupNorm32, timestep_embedding, zero_module
 
 if TYPE_CHECKING:
-    from trainer.config import ModelConfig
+    from trainer.config import Config, ModelConfig
 
 
 def _silu_norm(channels: int, groups: int) -> nn.Sequential:
@@ -255,8 +255,10 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepSequential(*layers))
 
         self.out = nn.Sequential(_silu_norm(ch, norm_groups), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        # channels_last converts the activations only (the input, in forward): a convolution of an NHWC input
+        # gives an NHWC output, so every map travels NHWC. The weights stay contiguous: DeepSpeed views each
+        # parameter as bytes to broadcast it and flattens them into its buffers, neither of which accepts an
+        # NHWC weight (its first run on the CPU failed there: "stride(-1) must be 1 to view Float as Byte").
 
     def _run(self, block: TimestepSequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
@@ -378,6 +380,12 @@ def build_unet(
     )
 
 
+def build_model(cfg: Config, image_size: int, channels: int, num_classes: int | None = None) -> UNet:
+    """The UNet of a run's config: its ``model`` section, with the output channels its diffusion needs
+    (``cfg.diffusion.learn_sigma``). Every part of the project builds a run's model through here."""
+    return build_unet(cfg.model, image_size, channels, learn_sigma=cfg.diffusion.learn_sigma, num_classes=num_classes)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     # DeepSpeed engines and DDP keep the network in ``.module``.
     while not isinstance(model, UNet) and isinstance(getattr(model, "module", None), nn.Module):
@@ -430,6 +438,7 @@ __all__ = [
     "TimestepEmbedding",
     "UNet",
     "Upsample",
+    "build_model",
     "build_unet",
     "count_parameters",
     "describe",

@@ -1,6 +1,6 @@
 """``evaluate.py stats`` and ``evaluate.py quality``: reference statistics of a dataset, and the sample-quality
-metrics of a ``samples.npz`` against them (the math is in ``trainer/quality.py``, the networks in
-``trainer/features.py``).
+metrics of a ``samples.npz`` against them (the math is in ``trainer/evaluation/quality.py``, the networks in
+``trainer/evaluation/features.py``).
 
     python trainer/evaluate.py stats --data data/cifar10 --split train --features inception --out cifar_train.npz
     python trainer/evaluate.py quality runs/x/samples/step500000_ddim_50_n50000_seed0 --ref cifar_train.npz
@@ -8,7 +8,7 @@ metrics of a ``samples.npz`` against them (the math is in ``trainer/quality.py``
 The reference records which feature network made it; ``quality`` refuses a reference made with another one
 (FIDs in different feature spaces are not comparable). The Inception-v3 FID weights cannot be downloaded at
 run time here: ``--features inception`` finds them in the torch hub cache or says in one line how to get
-them; any other network (a TorchScript file, or a classifier saved by ``trainer.features``) works the same.
+them; any other network (a TorchScript file, or a classifier saved by ``trainer.evaluation.features``) works the same.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from trainer.config import ConfigError, DataConfig
 from trainer.data import load_manifest, read_ranges, split_size
-from trainer.inference import CLI_ERRORS
+from trainer.evaluation.inference import CLI_ERRORS
 from trainer.tracking import log_to_run
 
 
@@ -49,7 +49,7 @@ def parse_args(command: str, argv: list[str]) -> argparse.Namespace:
 
 
 def main(command: str, argv: list[str]) -> int:
-    from trainer.quality import QualityError
+    from trainer.evaluation.quality import QualityError
 
     args = parse_args(command, argv)
     try:
@@ -79,8 +79,8 @@ def read_split_uint8(root: str, split: str, limit: int | None, batch_size: int) 
 
 
 def stats(args: argparse.Namespace) -> int:
-    from trainer.features import load_feature_net
-    from trainer.quality import save_reference
+    from trainer.evaluation.features import load_feature_net
+    from trainer.evaluation.quality import save_reference
 
     net = load_feature_net(args.features, args.device)  # a missing network fails before reading any data
     images = read_split_uint8(args.data, args.split, args.max_images, args.batch_size)
@@ -102,7 +102,7 @@ def stats(args: argparse.Namespace) -> int:
 
 def load_samples(path: Path) -> tuple[np.ndarray, Path]:
     """``arr_0`` (or ``images``) of a samples file, read without unpickling."""
-    from trainer.quality import QualityError
+    from trainer.evaluation.quality import QualityError
 
     npz = path / "samples.npz" if path.is_dir() else path
     try:
@@ -117,8 +117,8 @@ def load_samples(path: Path) -> tuple[np.ndarray, Path]:
 
 
 def quality(args: argparse.Namespace) -> int:
-    from trainer.features import load_feature_net
-    from trainer.quality import compute_all, load_reference
+    from trainer.evaluation.features import load_feature_net
+    from trainer.evaluation.quality import compute_all, load_reference
 
     images, npz = load_samples(Path(args.samples))
     net = load_feature_net(args.features, args.device)

@@ -2,7 +2,7 @@
 
 Everything here is pure array math in float64 (features may arrive as float32: network outputs carry no more
 precision than that, and 50k x 2048 float32 is half the memory). The feature networks that produce
-:class:`Features` live in :mod:`trainer.features`; this module knows nothing of torch.
+:class:`Features` live in :mod:`trainer.evaluation.features`; this module knows nothing of torch.
 
 - FID: Heusel et al. 2017, "GANs trained by a two time-scale update rule converge to a local Nash equilibrium".
 - sFID: Nash et al. 2021, "Generating images with sparse representations" (FID on spatial features).

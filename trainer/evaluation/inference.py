@@ -1,9 +1,10 @@
 """Loading a run's weights for inference, and sampling from them.
 
-One loading path for ``trainer/sample.py``, ``trainer/evaluate.py`` and the trainer's end-of-run grid:
-an export file (or the newest under a run directory) → config, UNet, metadata; every problem with it is
-one line (:data:`CLI_ERRORS`). Not to be confused with ``trainer/timesteps.py``, which samples *timesteps*
-for training."""
+Every inference model is built by :func:`build_inference_model` (config + weights → an eval-mode UNet, a
+mismatch in one line): from an export file (or the newest under a run directory) by ``trainer/sample.py``
+and ``trainer/evaluate.py`` (:func:`load_for_inference`, every problem with the file one line,
+:data:`CLI_ERRORS`), and from weights in memory by the trainer's sample grids and periodic evaluation. Not
+to be confused with ``trainer/timesteps.py``, which samples *timesteps* for training."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import numpy as np
 import torch
 
 from trainer.config import Config, ConfigError, SampleConfig
-from trainer.diffusion import GaussianDiffusion, create_diffusion
+from trainer.diffusion import GaussianDiffusion, diffusion_from_config
 from trainer.diffusion.samplers import generate
 from trainer.images import grid_png, to_uint8
-from trainer.models.unet import build_unet
+from trainer.models.unet import build_model
 
 
 def build_inference_model(
@@ -38,13 +39,7 @@ def build_inference_model(
     from trainer.checkpoint import CheckpointError
 
     try:
-        model = build_unet(
-            cfg.model,
-            image_size=image_size,
-            in_channels=channels,
-            learn_sigma=cfg.diffusion.var_type == "learned_range",
-            num_classes=num_classes,
-        )
+        model = build_model(cfg, image_size, channels, num_classes)
     except ValueError as err:
         raise CheckpointError(f"{source}: its config does not build a model ({err})") from None
     problem = weights_mismatch(cfg, model.state_dict(), weights)
@@ -93,19 +88,6 @@ def _mismatch_hint(cfg: Config, expected: dict[str, torch.Tensor], saved: dict[s
     return "model.* or diffusion.var_type edited?"
 
 
-def base_diffusion(cfg: Config) -> GaussianDiffusion:
-    d = cfg.diffusion
-    return create_diffusion(
-        steps=d.steps,
-        schedule=d.schedule,
-        mean_type=d.mean_type,
-        var_type=d.var_type,
-        loss=d.loss,
-        vlb_weight=d.vlb_weight,
-        respacing="",
-    )
-
-
 @torch.no_grad()
 def sample_images(
     cfg: Config,
@@ -121,7 +103,7 @@ def sample_images(
 
     Class-conditional models get ``labels`` (or labels cycling through the classes)."""
     s = cfg.sample
-    diffusion = base_diffusion(cfg)
+    diffusion = diffusion_from_config(cfg.diffusion)
     gen = torch.Generator(device=device).manual_seed(s.seed)
     if num_classes and labels is None:
         labels = torch.arange(num_samples) % num_classes
@@ -196,8 +178,9 @@ def load_for_inference(
     is validated, so they are checked against its ``diffusion.steps`` like a YAML file's. Every problem
     with the file (unreadable, not an export, weights that do not fit its config) is a CheckpointError
     or ConfigError with a one-line message."""
-    from trainer.checkpoint import CheckpointError, load_export
+    from trainer.checkpoint import CheckpointError
     from trainer.config import config_from_dict
+    from trainer.export import load_export
 
     try:
         state = load_export(path)
@@ -287,7 +270,7 @@ def _cli_errors() -> tuple[type[Exception], ...]:
     from data_prep.manifest import ManifestError
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
-    from trainer.parts import PartsError
+    from trainer.evaluation.parts import PartsError
 
     return (CheckpointError, ConfigError, ManifestError, DataError, PartsError, FileNotFoundError)
 

@@ -1,4 +1,5 @@
-"""Feature networks for the sample-quality metrics: uint8 NHWC images in, :class:`~trainer.quality.Features` out.
+"""Feature networks for the sample-quality metrics: uint8 NHWC images in, :class:`~trainer.evaluation.quality.Features`
+out.
 
 - :class:`InceptionV3FID`: the FID Inception-v3 (the PyTorch port of TensorFlow's 2015-12-05 graph used by
   pytorch-fid; Heusel et al. 2017), with torchvision's parameter names so its published weights load as-is.
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.quality import Features, QualityError
+from trainer.evaluation.quality import Features, QualityError
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"

@@ -48,7 +48,7 @@ from trainer import distributed
 from trainer.config import Config, ConfigError
 from trainer.diffusion import GaussianDiffusion
 from trainer.diffusion.gaussian import randn
-from trainer.parts import split_range
+from trainer.evaluation.parts import split_range
 
 GROUPS = ("t0", "q1", "q2", "q3", "q4")
 """How the terms of the bound are reported: L_0, then Σ L_t by quarter of T (the last quarter holds T-1)."""
@@ -167,8 +167,8 @@ def _fork_rng(device: torch.device) -> AbstractContextManager[Any]:
 
 @dataclass
 class _FID:
-    net: Any  # trainer.features.FeatureNet on rank 0, None elsewhere
-    reference: Any  # trainer.quality.Reference on rank 0, None elsewhere
+    net: Any  # trainer.evaluation.features.FeatureNet on rank 0, None elsewhere
+    reference: Any  # trainer.evaluation.quality.Reference on rank 0, None elsewhere
     num_samples: int
     respacing: str
 
@@ -206,7 +206,7 @@ class PeriodicEval:
         if not cfg.train.eval_every:
             return None
         from trainer.data import DataError, read_ranges, split_size
-        from trainer.inference import base_diffusion
+        from trainer.diffusion import diffusion_from_config
 
         tc = cfg.train
         num_classes = manifest.num_classes if cfg.model.class_cond else None
@@ -238,7 +238,7 @@ class PeriodicEval:
                     torch.stack([items[i][0] for i in order]),
                     torch.tensor([items[i][1] for i in order], dtype=torch.long),
                 )
-        diffusion = base_diffusion(cfg)
+        diffusion = diffusion_from_config(cfg.diffusion)
         if env.is_main:
             K = min(tc.eval_timesteps, diffusion.num_timesteps - 1)
             fewer = (
@@ -253,8 +253,8 @@ class PeriodicEval:
     @staticmethod
     def _load_fid(cfg: Config, env: distributed.DistEnv, manifest: Any) -> _FID:
         """The feature network and reference on rank 0, checked on a dummy batch of the run's image shape."""
-        from trainer.features import load_feature_net
-        from trainer.quality import QualityError, check_feature_net, load_reference
+        from trainer.evaluation.features import load_feature_net
+        from trainer.evaluation.quality import QualityError, check_feature_net, load_reference
 
         tc = cfg.train
         net = ref = None
@@ -283,7 +283,7 @@ class PeriodicEval:
     def run(self, step: int, ema: Any, tracker: Any) -> dict[str, float]:
         """Evaluate the EMA weights at ``step`` and log ``eval/*`` (collective: every rank calls it). Returns the
         metrics on rank 0 (an empty dict elsewhere)."""
-        from trainer.inference import build_inference_model
+        from trainer.evaluation.inference import build_inference_model
 
         env = self.env
         t0 = time.perf_counter()
@@ -356,8 +356,8 @@ class PeriodicEval:
         return out
 
     def _fid(self, model: torch.nn.Module) -> dict[str, float]:
-        from trainer.inference import generate_uint8
-        from trainer.quality import compute_all
+        from trainer.evaluation.inference import generate_uint8
+        from trainer.evaluation.quality import compute_all
 
         assert self.fid is not None
         env, device, s = self.env, self.env.device, self.cfg.sample

@@ -1,0 +1,169 @@
+"""The one factory of a training run: every part the :class:`trainer.main.Trainer` composes, built in order.
+
+:class:`Builders` says how the replaceable parts are made (the model, the engine, the data stream, the
+tracker, the stop signal). Tests and benchmarks pass their own, e.g.
+``dataclasses.replace(Builders(), engine=my_engine)``, and get the real loop: no module global is
+patched and no one copies this prologue.
+
+Order matters where the global RNG is involved: the weights are drawn right after
+``torch.manual_seed(train.seed)`` (identical on every rank), then each rank's own stream is seeded for
+its dropout masks, timesteps, noise and label dropout; nothing else draws from the global RNG here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import preemption
+from trainer.cadence import Cadence
+from trainer.checkpoint import CheckpointManager
+from trainer.config import Config, ConfigError
+from trainer.console import say
+from trainer.data import DatasetInfo, TrainStream, build_train_stream, load_manifest
+from trainer.diffusion import diffusion_from_config
+from trainer.elastic import EngineCheckpoint
+from trainer.ema import EMA
+from trainer.engine import StepGate, build_engine
+from trainer.evaluation.periodic import PeriodicEval
+from trainer.identity import RunIdentity, prepare_output_dir
+from trainer.metrics import LossWindow, TrainingLog
+from trainer.models.unet import build_model, count_parameters, estimate_flops_per_image
+from trainer.pictures import Pictures
+from trainer.runtime import Runtime
+from trainer.saving import Saver
+from trainer.state import RNGState, TrainState
+from trainer.step import TrainStep
+from trainer.timesteps import sampler_from_config
+from trainer.tracking import create_tracker
+
+
+def default_model(cfg: Config, info: DatasetInfo, num_classes: int | None) -> torch.nn.Module:
+    return build_model(cfg, info.image_size, info.channels, num_classes)
+
+
+def default_stream(cfg: Config, rt: Runtime, info: DatasetInfo) -> TrainStream:
+    return build_train_stream(rt.loader.apply(cfg.data), info, rank=rt.env.rank, world_size=rt.env.world_size)
+
+
+@dataclass(frozen=True)
+class Builders:
+    model: Callable[[Config, DatasetInfo, int | None], torch.nn.Module] = default_model
+    engine: Callable[[Config, Runtime, torch.nn.Module, StepGate], Any] = build_engine
+    stream: Callable[[Config, Runtime, DatasetInfo], TrainStream] = default_stream
+    tracker: Callable[..., Any] = create_tracker
+    stop_requested: Callable[[], bool] = preemption.requested
+
+
+def seed_rank_stream(seed: int, rank: int, step: int) -> None:
+    # Each rank needs its own stream (noise, timesteps, dropout): identical streams would make the ranks'
+    # batches share their noise. ``step`` > 0 only when ranks are new after an elastic resume.
+    torch.manual_seed((seed * 1_000_003 + rank + 1) * 7919 + step)
+
+
+@dataclass
+class Run:
+    """The parts of one training run, built by :func:`build_run`."""
+
+    manifest: DatasetInfo
+    num_classes: int | None
+    n_params: int
+    flops: float
+    engine: Any
+    ema: EMA
+    sampler: Any
+    stream: TrainStream
+    window: LossWindow
+    step: TrainStep
+    state: TrainState
+    ckpt: CheckpointManager
+    identity: RunIdentity
+    saver: Saver
+    pictures: Pictures
+    log: TrainingLog
+    evaluator: PeriodicEval | None
+    cadence: Cadence
+
+
+def build_run(cfg: Config, rt: Runtime, builders: Builders) -> Run:
+    env = rt.env
+    manifest = load_manifest(cfg.data.root)  # before anything is written: a bad root leaves nothing
+    # train.eval_every (None when off): its validation images, feature network and reference are read now,
+    # so a missing file stops the run here too. It never draws from the global RNG.
+    evaluator = PeriodicEval.create(cfg, env, manifest)
+    out = Path(cfg.train.output_dir)
+    prepare_output_dir(out, env)
+    num_classes = manifest.num_classes if cfg.model.class_cond else None
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    try:
+        model = builders.model(cfg, manifest, num_classes)
+    except ValueError as err:  # an architecture impossible for these images: a config problem
+        raise ConfigError(f"{err} (images are {manifest.image_size}px)") from None
+    n_params = count_parameters(model)
+    flops = estimate_flops_per_image(model, manifest.image_size, manifest.channels, num_classes)
+    seed_rank_stream(cfg.train.seed, env.rank, step=0)
+    diffusion = diffusion_from_config(cfg.diffusion)
+    gate = StepGate()
+    engine = builders.engine(cfg, rt, model, gate)
+    if getattr(engine, "is_compiled", False):
+        say(env.is_main, "train.compile: the UNet is compiled (torch.compile through DeepSpeed's engine.compile)")
+    ema = EMA(engine.module, cfg.train.ema_rates)
+    sampler = sampler_from_config(cfg.diffusion, env.device)
+    stream = builders.stream(cfg, rt, manifest)
+    window = LossWindow(diffusion.num_timesteps, env.device)
+    step = TrainStep(
+        engine,
+        gate,
+        diffusion,
+        sampler,
+        ema,
+        window,
+        env.device,
+        history_term=cfg.diffusion.history_term,
+        label_dropout=cfg.model.label_dropout,
+        num_classes=num_classes,
+        stop_requested=builders.stop_requested,
+    )
+    state = TrainState()
+    ckpt = CheckpointManager(
+        out / "checkpoints",
+        cfg.train.keep_last,
+        env,
+        engine=EngineCheckpoint(engine, env.world_size, env.is_main),
+        shared={"trainer": state, "timestep_sampler": sampler},
+        # The RNG goes last: nothing may draw from it between its restore and the next step.
+        per_rank={
+            "ema": ema,
+            "data": stream,
+            "metrics_window": window,
+            "rng": RNGState(lambda: seed_rank_stream(cfg.train.seed, env.rank, state.step)),
+        },
+    )
+    identity = RunIdentity(out, cfg.tracking, state, env, builders.tracker)
+    meta = {"image_size": manifest.image_size, "channels": manifest.channels, "num_classes": num_classes}
+    return Run(
+        manifest=manifest,
+        num_classes=num_classes,
+        n_params=n_params,
+        flops=flops,
+        engine=engine,
+        ema=ema,
+        sampler=sampler,
+        stream=stream,
+        window=window,
+        step=step,
+        state=state,
+        ckpt=ckpt,
+        identity=identity,
+        saver=Saver(cfg, ckpt, engine, ema, step, state, identity, meta),
+        pictures=Pictures(cfg, env, out, engine, ema, sampler, manifest.image_size, manifest.channels, num_classes),
+        log=TrainingLog(
+            window, stream, sampler, engine, state, rt.batch.global_batch, cfg.train.total_steps, env.is_main
+        ),
+        evaluator=evaluator,
+        cadence=Cadence(cfg, evaluates=evaluator is not None),
+    )
