@@ -7,7 +7,8 @@ patched and no one copies this prologue.
 
 Order matters where the global RNG is involved: the weights are drawn right after
 ``torch.manual_seed(train.seed)`` (identical on every rank), then each rank's own stream is seeded for
-its dropout masks, timesteps, noise and label dropout; nothing else draws from the global RNG here.
+its model-dropout masks; nothing else draws from the global RNG here (a sample's timestep, noise, flip and
+label dropout come from its own generator, :mod:`trainer.per_sample`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from trainer.evaluation.periodic import PeriodicEval
 from trainer.identity import RunIdentity, prepare_output_dir
 from trainer.metrics import LossWindow, TrainingLog
 from trainer.models.unet import build_model, count_parameters, estimate_flops_per_image
+from trainer.per_sample import SampleRandomness
 from trainer.pictures import Pictures
 from trainer.runtime import Runtime
 from trainer.saving import Saver
@@ -47,7 +49,14 @@ def default_model(cfg: Config, info: DatasetInfo, num_classes: int | None) -> to
 
 
 def default_stream(cfg: Config, rt: Runtime, info: DatasetInfo) -> TrainStream:
-    return build_train_stream(rt.loader.apply(cfg.data), info, rank=rt.env.rank, world_size=rt.env.world_size)
+    return build_train_stream(
+        rt.loader.apply(cfg.data),
+        info,
+        rank=rt.env.rank,
+        world_size=rt.env.world_size,
+        global_batch=rt.batch.global_batch,
+        accum=rt.batch.grad_accum,
+    )
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,9 @@ class Builders:
 
 
 def seed_rank_stream(seed: int, rank: int, step: int) -> None:
-    # Each rank needs its own stream (noise, timesteps, dropout): identical streams would make the ranks'
-    # batches share their noise. ``step`` > 0 only when ranks are new after an elastic resume.
+    # The global RNG now serves only the model's dropout masks (every per-sample draw has its own generator,
+    # trainer/per_sample.py); each rank gets its own stream. ``step`` > 0 only for ranks new after an elastic
+    # resume.
     torch.manual_seed((seed * 1_000_003 + rank + 1) * 7919 + step)
 
 
@@ -124,6 +134,8 @@ def build_run(cfg: Config, rt: Runtime, builders: Builders) -> Run:
         window,
         env.device,
         history_term=cfg.diffusion.history_term,
+        randomness=SampleRandomness(cfg.train.seed, env.device),
+        random_flip=cfg.data.random_flip,
         label_dropout=cfg.model.label_dropout,
         num_classes=num_classes,
         stop_requested=builders.stop_requested,

@@ -42,16 +42,20 @@ class DataConfig(_Section):
     num_workers: int | None = Field(None, ge=0)
     """DataLoader worker processes per rank (0: decode in the training process). None: 4 on CUDA
     (decoding must keep up with a GPU), 0 on CPU (the cores are busy training)."""
+    partitions: int | None = Field(None, gt=0)
+    """Canonical data partitions (``trainer/data/canonical.py``): the training set of every epoch is cut into this
+    many contiguous parts, and each global batch takes the same number of samples from each. It fixes the data
+    order whatever the number of ranks: it must divide the global batch, and the world size must divide it (a
+    resume on another number of ranks continues the same data order when it does). None: the largest divisor
+    of the global batch up to 64."""
     shuffle_buffer: int = Field(1000, ge=0)
-    """Samples each worker holds to shuffle across shard boundaries (0 or 1: no shuffle)."""
+    """Samples each canonical partition holds to shuffle the piece of a shard it reads (drained at the piece's
+    end; 0 or 1: no shuffle). Per partition: a rank holds one buffer per partition it owns."""
     random_flip: bool = True
-    """Flip training images left-right with probability 1/2."""
+    """Flip training images left-right with probability 1/2 (drawn per sample on the device, from the sample's
+    own generator: ``trainer/per_sample.py``)."""
     seed: int = 0
-    """Data-order seed; each (rank, loader worker) draws its own stream from it."""
-    batches_per_round: int = Field(64, gt=0)
-    """Each worker's stream is cut into rounds of about this many batches, each seeded on its own and
-    ending with its shuffle buffer drained. A resume replays (re-reads and decodes) at most one round
-    per worker to reach its exact position; larger rounds waste fewer buffered samples at round ends."""
+    """Data-order seed (the shard order and shuffles of every epoch)."""
     on_error: Literal["skip", "raise"] = "skip"
     """Corrupt samples, truncated or unreadable shards: "skip" (warn once per shard, count in
     ``stream.stats()``) or "raise" (stop with the first problem)."""

@@ -21,18 +21,25 @@ import torch
 from torch import Tensor, nn
 
 
-def drop_labels(y: Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> Tensor:
+def drop_labels(
+    y: Tensor,
+    p: float,
+    null_class: int,
+    generator: torch.Generator | None = None,
+    uniform: Tensor | None = None,
+) -> Tensor:
     """``y`` with each label independently replaced by ``null_class`` with probability ``p``.
 
-    The draw is made on ``y``'s device from ``generator`` (the global torch RNG when None, which the
-    trainer checkpoints, so a resumed run draws the same masks). ``p == 0`` returns ``y`` itself and
-    draws nothing."""
+    The decision for label ``i`` is ``uniform[i] < p`` when ``uniform`` is given (the trainer passes each
+    sample's own uniform, ``trainer/per_sample.py``), else a draw on ``y``'s device from ``generator`` (the
+    global torch RNG when None). ``p == 0`` returns ``y`` itself and draws nothing."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"label dropout probability must lie in [0, 1], got {p}")
     if p == 0.0:
         return y
-    drop = torch.rand(y.shape, device=y.device, generator=generator) < p
-    return y.masked_fill(drop, null_class)
+    if uniform is None:
+        uniform = torch.rand(y.shape, device=y.device, generator=generator)
+    return y.masked_fill(uniform < p, null_class)
 
 
 class ClassifierFreeGuidance(nn.Module):

@@ -4,7 +4,10 @@
   (or what the user's DeepSpeed settings say, when they say);
 - ZeRO stage: ``train.zero_stage``, else the user's DeepSpeed settings, else 2;
 - batch: ``data.global_batch_size`` becomes a per-rank micro-batch and an accumulation count;
-- loader: ``data.num_workers`` / ``data.pin_memory`` left unset get per-device defaults.
+- data order: ``data.partitions`` (the canonical partitions, :mod:`trainer.data.canonical`), checked against
+  the global batch, the world size and the loader workers;
+- loader: ``data.num_workers`` / ``data.pin_memory`` left unset get per-device defaults (workers at most the
+  rank's canonical partitions).
 
 The engine, the loop and the data stream receive the :class:`Runtime` and decide nothing of this
 themselves; the config keeps what the user asked for. The decisions are pure functions of what they are
@@ -21,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from trainer.config import Config, ConfigError, DataConfig
+from trainer.data.canonical import check_layout, default_partitions
 from trainer.distributed import DistEnv
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -158,12 +162,18 @@ class LoaderSettings:
     batch_size: int
     num_workers: int
     pin_memory: bool
+    partitions: int
+    """Canonical data partitions (resolved ``data.partitions``)."""
 
     def apply(self, data: DataConfig) -> DataConfig:
         """``data`` with these values in place of the user's requests (for the data package's readers)."""
-        return data.model_copy(
-            update={"batch_size": self.batch_size, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
-        )
+        update = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "partitions": self.partitions,
+        }
+        return data.model_copy(update=update)
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,8 @@ class Runtime:
         return [
             f"precision {self.precision} ({self.precision_reason}), ZeRO stage {self.zero_stage}",
             f"batch {b.global_batch} per step = {b.world_size} ranks x {b.grad_accum} accumulation x "
-            f"{b.micro_batch} per micro-batch",
+            f"{b.micro_batch} per micro-batch; data order: {self.loader.partitions} canonical partitions, "
+            f"{self.loader.partitions // b.world_size} per rank, {self.loader.num_workers} loader workers",
             *self.warnings,
         ]
 
@@ -207,6 +218,7 @@ class Runtime:
             "runtime.grad_accum": self.batch.grad_accum,
             "runtime.global_batch": self.batch.global_batch,
             "runtime.num_workers": self.loader.num_workers,
+            "runtime.partitions": self.loader.partitions,
             "world_size": self.env.world_size,
             "device": str(self.env.device),
         }
@@ -227,6 +239,10 @@ def resolve(cfg: Config, env: DistEnv) -> Runtime:
     )
     plan = plan_batch(cfg.data.global_batch_size, cfg.data.batch_size, cfg.train.grad_accum, env.world_size)
     workers, pin = loader_defaults(cfg.data.num_workers, cfg.data.pin_memory, device.type)
+    partitions = cfg.data.partitions or default_partitions(plan.global_batch)
+    if cfg.data.num_workers is None and partitions % env.world_size == 0:
+        workers = min(workers, partitions // env.world_size)  # a default never asks for more than the order allows
+    check_layout(partitions, plan.global_batch, env.world_size, workers)
     warnings = ()
     if warn:
         warnings = (
@@ -238,7 +254,7 @@ def resolve(cfg: Config, env: DistEnv) -> Runtime:
         precision=precision,  # type: ignore[arg-type]
         precision_reason=why,
         batch=plan,
-        loader=LoaderSettings(plan.micro_batch, workers, pin),
+        loader=LoaderSettings(plan.micro_batch, workers, pin, partitions),
         zero_stage=choose_zero_stage(cfg.train.zero_stage, user),
         deepspeed=user,
         warnings=warnings,

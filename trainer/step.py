@@ -1,7 +1,8 @@
 """One optimizer step as one component: :class:`TrainStep`.
 
-A step is: forward/backward over its micro-batches (timesteps, label dropout, the Improved-DDPM losses,
-the finiteness checks of the loss and of every gradient); the verdict on it (a non-finite value on any
+A step is: forward/backward over its micro-batches (each sample's own random numbers,
+:mod:`trainer.per_sample`: timestep, flip, label dropout, noise; the Improved-DDPM losses; the finiteness
+checks of the loss and of every gradient); the verdict on it (a non-finite value on any
 rank: skip the step whole on every rank; a stop signal on any rank: every rank stops after the same step),
 agreed by one MAX all-reduce that stays on the device; the optimizer step, gated on the device by that
 verdict (torch's fused AdamW skips it via ``found_inf``: weights, moments and its step count untouched);
@@ -53,16 +54,18 @@ from typing import Any
 import torch
 
 from trainer import distributed
+from trainer.data import MicroBatch
 from trainer.diffusion import GaussianDiffusion
 from trainer.ema import EMA
 from trainer.engine import StepGate, model_fn
 from trainer.guidance import drop_labels
 from trainer.metrics import LossWindow
 from trainer.nonfinite import NonFiniteGuard
+from trainer.per_sample import SampleRandomness, flip_images
 from trainer.timesteps import TimestepSampler
 
-Batch = Sequence[tuple[torch.Tensor, torch.Tensor]]
-"""One optimizer step's micro-batches for this rank: (images [B, C, H, W] in [-1, 1], labels [B])."""
+Batch = Sequence[MicroBatch]
+"""One optimizer step's micro-batches for this rank (:class:`trainer.data.MicroBatch`)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class TrainStep:
     """Runs optimizer steps and owns the one whose verdict is not read yet (see the module docstring).
 
     ``history_term``: which per-sample term feeds the timestep history (``diffusion.history_term``);
+    ``randomness``: each sample's own random numbers; ``random_flip``: flip half the images left-right;
     ``label_dropout`` / ``num_classes``: classifier-free-guidance training of class-conditional models;
     ``stop_requested``: polled once per step (the preemption flag)."""
 
@@ -98,6 +102,8 @@ class TrainStep:
         window: LossWindow,
         device: torch.device,
         history_term: str,
+        randomness: SampleRandomness,
+        random_flip: bool = False,
         label_dropout: float = 0.0,
         num_classes: int | None = None,
         stop_requested: Callable[[], bool] = lambda: False,
@@ -105,6 +111,7 @@ class TrainStep:
         self.engine, self.gate, self.diffusion = engine, gate, diffusion
         self.sampler, self.ema, self.window, self.device = sampler, ema, window, device
         self.history_term, self.label_dropout, self.num_classes = history_term, label_dropout, num_classes
+        self.randomness, self.random_flip = randomness, random_flip
         self.stop_requested = stop_requested
         self.call = model_fn(engine)
         # ZeRO-0 without bf16 leaves the gradients in .grad: one fused check after backward; otherwise
@@ -124,8 +131,8 @@ class TrainStep:
         settled, see the timeline), or None when there was none."""
         self.guard.reset()
         self.window.begin_step()
-        for x, y in batch:
-            self._forward_backward(x, y)
+        for micro in batch:
+            self._forward_backward(micro)
         self.guard.check_grads()  # a no-op where hooks checked each gradient during backward
         # fill_ passes the flag as a kernel argument: torch.tensor(flag, device=cuda) would be a blocking copy.
         self._stop_flag.fill_(float(self.stop_requested()))
@@ -145,16 +152,19 @@ class TrainStep:
         self._inflight = _InFlight(distributed.HostCopy(verdict), ds_skipped)
         return earlier
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.to(self.device, non_blocking=True)
+    def _forward_backward(self, micro: MicroBatch) -> None:
+        x = micro.x.to(self.device, non_blocking=True)
+        # The sample's place in the run, not its rank, decides every random number it gets (trainer/per_sample.py).
+        draws = self.randomness.draw(micro.batch, micro.index, tuple(x.shape[1:]))
+        if self.random_flip:
+            x = flip_images(x, draws.flip)
         kwargs: dict[str, torch.Tensor] = {}
         if self.num_classes:
-            # Label dropout trains the null class (unconditional and guided sampling); the mask is drawn on
-            # the device from the global RNG, which the checkpoint saves (exact resume).
-            y = y.to(self.device, non_blocking=True)
-            kwargs["y"] = drop_labels(y, self.label_dropout, self.num_classes)
-        t, weights = self.sampler.sample(x.shape[0])
-        terms = self.diffusion.training_losses(self.call, x, t, model_kwargs=kwargs)
+            # Label dropout trains the null class (unconditional and guided sampling).
+            y = micro.y.to(self.device, non_blocking=True)
+            kwargs["y"] = drop_labels(y, self.label_dropout, self.num_classes, uniform=draws.drop)
+        t, weights = self.sampler.draw(draws.timestep)
+        terms = self.diffusion.training_losses(self.call, x, t, model_kwargs=kwargs, noise=draws.noise)
         loss = (terms["loss"] * weights).mean()
         self.guard.check_loss(loss)
         self.engine.backward(loss)

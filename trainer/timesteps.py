@@ -25,9 +25,10 @@ Distributed contract
     history in rank-major, then record, order. Construct, load and sync the sampler on
     every rank.
     All ranks fold the same bytes with the same deterministic code (element-wise IEEE operations and an
-    exactly rounded ``math.fsum``), so their histories and p_t agree bit for bit. Each rank still draws
-    its own t with its own RNG. The history is global, so a state saved at one world size resumes at
-    any other.
+    exactly rounded ``math.fsum``), so their histories and p_t agree bit for bit. Each sample's t comes
+    from its own uniform (:meth:`TimestepSampler.draw`, ``trainer/per_sample.py``), and each rank holds a
+    contiguous slice of the global batch, so rank-major order is the batch's order on any world size. The
+    history is global, so a state saved at one world size resumes at any other.
 """
 
 from __future__ import annotations
@@ -91,6 +92,21 @@ class TimestepSampler:
         probs = torch.from_numpy(self.probabilities()).to(draw_device, non_blocking=True)
         t = torch.multinomial(probs, batch_size, replacement=True, generator=generator).to(self.device)
         weights = torch.from_numpy(self.weights()).to(self.device, non_blocking=True)[t]
+        return t, weights
+
+    def draw(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps by inverse transform of uniforms ``u`` (float64 [B] in [0, 1), one per sample, from the
+        sample's own generator: ``trainer/per_sample.py``). Returns (t: int64 [B], weights: float32 [B]) on
+        ``u``'s device. The same ``u`` and history give the same t on every rank and any world size:
+        t = the first index whose cumulative probability exceeds u (uniform: floor(u·T)). No host read."""
+        T = self.num_timesteps
+        if self._is_uniform():
+            t = (u * T).long().clamp_(max=T - 1)
+            return t, torch.ones(t.shape[0], dtype=torch.float32, device=u.device)
+        # The CDF in float64 on the host, summed in order: the same bits on every rank.
+        cdf = torch.from_numpy(np.cumsum(self.probabilities())).to(u.device, non_blocking=True)
+        t = torch.searchsorted(cdf, u, right=True).clamp_(max=T - 1)
+        weights = torch.from_numpy(self.weights()).to(u.device, non_blocking=True)[t]
         return t, weights
 
     def weights(self) -> np.ndarray:

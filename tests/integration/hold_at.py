@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import trainer.main as trainer_main  # noqa: E402
 from trainer import distributed, preemption  # noqa: E402
 
-HOLD_AT = int(os.environ["HOLD_AT"])
+HOLD_AT = int(os.environ.get("HOLD_AT", "0"))
 
 
 def hold(loop: trainer_main.Trainer, step: int) -> None:

@@ -43,19 +43,23 @@ def _rank(rank: int, root: str, store: str, out: str) -> None:
         everyone: list = [None] * WORLD
         dist.all_gather_object(everyone, keys)
 
-        train = build_train_stream(cfg, m, rank=rank, world_size=WORLD, seed=5)
-        steps = 0
-        for _, (x, _) in zip(range(2 * train.batches_per_epoch), train, strict=False):
-            n = torch.tensor([x.shape[0]])
+        train = build_train_stream(cfg, m, rank=rank, world_size=WORLD)
+        steps, epoch0 = 0, []
+        for _, mb in zip(range(2 * train.batches_per_epoch), train, strict=False):
+            n = torch.tensor([mb.x.shape[0]])
             dist.all_reduce(n)
             assert int(n) == WORLD * B
+            epoch0 += [k for k, e in zip(mb.keys, mb.epoch, strict=True) if e == 0]
             steps += 1
         train.close()
+        trained: list = [None] * WORLD
+        dist.all_gather_object(trained, epoch0)
         result = {
             "eval_sizes": sizes,
             "num_batches": ev.num_batches,
             "all_keys": everyone,
             "train_steps": steps,
+            "train_epoch0": trained,
             "bpe": train.batches_per_epoch,
         }
         Path(out, f"r{rank}.json").write_text(json.dumps(result))
@@ -98,3 +102,6 @@ def test_two_ranks_equal_batches_and_exact_cover(tmp_path: Path) -> None:
     assert not set(keys0) & set(keys1)
     assert sorted(keys0 + keys1) == [f"{i:08d}" for i in range(N)]  # every sample seen across ranks
     assert r[0]["train_steps"] == r[1]["train_steps"] == 2 * r[0]["bpe"] == 2 * (N // (B * WORLD))
+    # Training: the canonical order's epoch 0 is every sample once, split between the ranks without overlap.
+    t0, t1 = r[0]["train_epoch0"]
+    assert not set(t0) & set(t1) and sorted(t0 + t1) == [f"{i:08d}" for i in range(N)]

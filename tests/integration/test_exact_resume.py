@@ -26,7 +26,6 @@ BASE = [
     *TINY_MODEL,
     "data.batch_size=8",
     "data.shuffle_buffer=64",
-    "data.batches_per_round=3",  # rounds end inside the run: the resume crosses a round boundary
     "train.log_every=1",
     "train.ema_rates=[0.9,0.99]",
     "diffusion.timestep_sampler=loss-second-moment",

@@ -22,7 +22,7 @@ import torch
 from data_prep.make_shards import MakeOptions, make_shards
 from data_prep.manifest import ManifestError
 from data_prep.sources import SourceKind
-from trainer.config import DataConfig
+from trainer.config import ConfigError, DataConfig
 from trainer.data import (
     DataError,
     batch_sizes,
@@ -147,74 +147,98 @@ def test_batch_plan_and_rank_segments() -> None:
                 assert len(sizes) == k and sum(sizes) == mine and max(sizes, default=0) <= 4
 
 
-# --------------------------------------------------------------------------- training: resampled, infinite
+# --------------------------------------------------------------------------- training: the canonical order
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_train_full_batches_per_rank_and_determinism(shards: Path, workers: int) -> None:
+def global_batches(c: DataConfig, world: int, n: int, accum: int = 1) -> list[list[str]]:
+    """The keys of the first ``n`` global batches, put together from every rank's micro-batches."""
+    m = load_manifest(c.root)
+    streams = [build_train_stream(c, m, rank=r, world_size=world, global_batch=8, accum=accum) for r in range(world)]
+    out = []
+    for b in range(n):
+        keys: list[str] = []
+        for s in streams:
+            for _ in range(accum):
+                mb = next(s)
+                assert mb.batch == b and mb.x.shape[0] == 8 // world // accum
+                keys += mb.keys
+        out.append(keys)
+    for s in streams:
+        s.close()
+    return out
+
+
+@pytest.mark.parametrize(("world", "workers", "accum"), [(2, 0, 1), (2, 2, 1), (4, 1, 2), (1, 3, 2)])
+def test_global_batches_do_not_depend_on_ranks_workers_or_accumulation(
+    shards: Path, world: int, workers: int, accum: int
+) -> None:
+    c = cfg(shards, partitions=4)
+    ref = global_batches(cfg(shards, partitions=4, num_workers=0), 1, 14)
+    assert global_batches(c.model_copy(update={"num_workers": workers}), world, 14, accum) == ref
+    # Epoch 0 is the 50 samples once each (the partitions' tails roll into epoch 1 by batch 7).
     m = load_manifest(shards)
-    c = cfg(shards, num_workers=workers)
-    per_rank = []
-    for rank in range(2):
-        stream = build_train_stream(c, m, rank=rank, world_size=2, seed=11, return_keys=True)
-        assert stream.batches_per_epoch == 50 // (8 * 2)
-        batches = take(stream, 2 * stream.batches_per_epoch)
-        assert len(batches) == 6
-        for x, y, keys in batches:
-            assert x.shape == (8, 3, S, S) and y.shape == (8,)
-            for i, k in enumerate(keys):  # flips off: exact pixels and labels
-                assert torch.allclose(x[i].double(), expected(k), atol=1e-6)
-                assert int(y[i]) == LABELS[int(k)]
-        stats = stream.stats()
-        assert stats["samples"] == 48 and stats["batches"] == 6 and stats["skipped"] == 0
-        assert stats["epoch"] == pytest.approx(2.0) and stats["samples_per_s"] > 0 and stats["wait_s"] > 0
-        per_rank.append([k for b in batches for k in b[2]])
-        stream.close()
-    assert per_rank[0] != per_rank[1]  # each rank its own stream
-    again = build_train_stream(c, m, rank=0, world_size=2, seed=11, return_keys=True)
-    assert [k for b in take(again, 6) for k in b[2]] == per_rank[0]  # same (seed, rank): same stream
+    s = build_train_stream(c, m, rank=0, world_size=1, global_batch=8)
+    first = [next(s) for _ in range(14)]
+    epoch0 = [k for mb in first for k, e in zip(mb.keys, mb.epoch, strict=True) if e == 0]
+    assert sorted(epoch0) == [f"{i:08d}" for i in range(N)]
+    for mb in first:  # flips are not the stream's business any more: exact pixels and labels
+        for i, k in enumerate(mb.keys):
+            assert torch.allclose(mb.x[i].double(), expected(k), atol=1e-6) and int(mb.y[i]) == LABELS[int(k)]
+        assert mb.index.tolist() == list(range(8))
+    stats = s.stats()
+    assert stats["samples"] == 112 and stats["skipped"] == 0 and stats["epoch"] == pytest.approx(14 / 6)
 
 
-def _pixels(batches: list) -> list[bytes]:
-    return [b[0].numpy().tobytes() + b[1].numpy().tobytes() for b in batches]
-
-
-@pytest.mark.parametrize(("workers", "cut"), [(0, 5), (2, 5), (2, 6), (3, 7)])
+@pytest.mark.parametrize(("workers", "cut"), [(0, 5), (2, 6)])
 def test_train_stream_resumes_exactly(shards: Path, workers: int, cut: int) -> None:
-    """State after `cut` consumed batches → a new stream continues bit for bit, across round boundaries
-    (rounds of 2 batches), whatever the worker that is due next and however much was prefetched."""
+    """State after ``cut`` consumed batches -> a new stream continues bit for bit, across segment and epoch
+    boundaries, however much the loader had prefetched."""
     m = load_manifest(shards)
-    c = cfg(shards, num_workers=workers, batches_per_round=2, random_flip=True, shuffle_buffer=5)
-    straight = build_train_stream(c, m, rank=1, world_size=2, return_keys=True)
+    c = cfg(shards, num_workers=workers, shuffle_buffer=5, partitions=4)
+    straight = build_train_stream(c, m, rank=1, world_size=2)
     ref = take(straight, cut + 9)
     straight.close()
-    first = build_train_stream(c, m, rank=1, world_size=2, return_keys=True)
+    first = build_train_stream(c, m, rank=1, world_size=2)
     assert _pixels(take(first, cut)) == _pixels(ref[:cut])
     state = first.state_dict()
     first.close()
-    assert state["consumed"] == cut and len(state["positions"]) == max(1, workers)
-    resumed = build_train_stream(c, m, rank=1, world_size=2, return_keys=True)
+    assert state["batch"] == cut and sorted(state["positions"]) == ["2", "3"]
+    resumed = build_train_stream(c, m, rank=1, world_size=2)
     resumed.load_state_dict(state)
     assert resumed.restart_reason is None
     assert _pixels(take(resumed, 9)) == _pixels(ref[cut:])
-    assert resumed.state_dict()["consumed"] == cut + 9
+    assert resumed.state_dict()["batch"] == cut + 9
 
 
-def test_train_stream_restarts_deterministically_on_other_layout(shards: Path) -> None:
+def test_a_state_saved_on_two_ranks_continues_on_one(shards: Path) -> None:
     m = load_manifest(shards)
-    c = cfg(shards, num_workers=0, batches_per_round=2)
-    s2 = build_train_stream(c, m, rank=0, world_size=2, return_keys=True)
-    ref = take(s2, 3)
-    state = s2.state_dict()
+    c = cfg(shards, partitions=4, shuffle_buffer=5)
+    ref = global_batches(c, 1, 10)
+    two = [build_train_stream(c, m, rank=r, world_size=2, global_batch=8) for r in range(2)]
+    for s in two:
+        take(s, 4)
+    states = [s.state_dict() for s in two]
+    one = build_train_stream(c, m, rank=0, world_size=1, global_batch=8)
+    one.load_state_dict_resharded(states)
+    assert one.restart_reason is None
+    assert [mb.keys for mb in take(one, 6)] == ref[4:]
+
+
+def test_another_global_batch_restarts_the_order_at_the_next_epoch(shards: Path) -> None:
+    m = load_manifest(shards)
+    c = cfg(shards, partitions=4)
+    s = build_train_stream(c, m, rank=0, world_size=1, global_batch=8)
+    take(s, 3)
+    state = s.state_dict()
     outs = []
     for _ in range(2):
-        s1 = build_train_stream(c, m, rank=0, world_size=1, return_keys=True)
-        s1.load_state_dict_resharded([state, state])
-        assert "world_size 2 -> 1" in (s1.restart_reason or "")
-        outs.append(_pixels(take(s1, 3)))
-    assert outs[0] == outs[1]  # deterministic for the new layout
-    fresh = build_train_stream(c, m, rank=0, world_size=1, return_keys=True)
-    assert outs[0] != _pixels(take(fresh, 3)) != _pixels(ref)  # a new origin: no replay of either stream
+        t = build_train_stream(c, m, rank=0, world_size=1, global_batch=16)
+        t.load_state_dict(state)
+        assert "global_batch 8 -> 16" in (t.restart_reason or "") and "epoch 1" in t.restart_reason
+        mb = next(t)
+        assert mb.batch == 3 and set(mb.epoch) == {1}
+        outs.append(mb.keys)
+    assert outs[0] == outs[1]  # deterministic
 
 
 def test_train_stream_state_must_load_before_iterating(shards: Path) -> None:
@@ -228,26 +252,23 @@ def test_train_stream_state_must_load_before_iterating(shards: Path) -> None:
 
 def test_train_stream_continues_across_for_loops(shards: Path) -> None:
     m = load_manifest(shards)
-    stream = build_train_stream(cfg(shards), m, rank=0, world_size=1, return_keys=True)
+    stream = build_train_stream(cfg(shards), m, rank=0, world_size=1)
     first = take(stream, 2)
     second = take(stream, 2)
-    ref = take(build_train_stream(cfg(shards), m, rank=0, world_size=1, return_keys=True), 4)
-    assert [b[2] for b in first + second] == [b[2] for b in ref]
+    ref = take(build_train_stream(cfg(shards), m, rank=0, world_size=1), 4)
+    assert [b.keys for b in first + second] == [b.keys for b in ref]
 
 
-def test_random_flip(shards: Path) -> None:
+def test_layouts_the_order_does_not_allow_are_refused(shards: Path) -> None:
     m = load_manifest(shards)
-    stream = build_train_stream(cfg(shards, random_flip=True), m, rank=0, world_size=1, return_keys=True)
-    flipped = kept = 0
-    for x, _, keys in take(stream, 8):
-        for i, k in enumerate(keys):
-            ref = expected(k)
-            if torch.allclose(x[i].double(), ref, atol=1e-6):
-                kept += 1
-            else:
-                assert torch.allclose(x[i].double(), ref.flip(-1), atol=1e-6)
-                flipped += 1
-    assert flipped > 10 and kept > 10  # p = 0.5 each over 64 samples
+    with pytest.raises(ConfigError, match="world size 3 does not divide the 8 canonical data partitions"):
+        build_train_stream(cfg(shards, partitions=8), m, rank=0, world_size=3, global_batch=24)
+    with pytest.raises(ConfigError, match="data.num_workers=3 exceeds the 2 canonical data partitions of each rank"):
+        build_train_stream(cfg(shards, num_workers=3, partitions=4), m, rank=0, world_size=2, global_batch=8)
+
+
+def _pixels(batches: list) -> list[bytes]:
+    return [b.x.numpy().tobytes() + b.y.numpy().tobytes() for b in batches]
 
 
 # --------------------------------------------------------------------------- bad data
@@ -263,9 +284,9 @@ def test_truncated_shard_is_skipped_not_fatal(ds: Path) -> None:
     shard = ds / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])  # cut mid-block, like a failed copy
     m = load_manifest(ds)
-    stream = build_train_stream(cfg(ds), m, rank=0, world_size=1, return_keys=True)
+    stream = build_train_stream(cfg(ds), m, rank=0, world_size=1)
     batches = take(stream, 30)  # ~5 epochs: the damaged shard comes up many times
-    assert all(b[0].shape[0] == 8 for b in batches)
+    assert all(b.x.shape[0] == 8 for b in batches)
     # tarfile reads a cut shard without raising: the loss shows in the manifest-count check and in
     # the partial last sample (its .png is missing), both counted.
     stats = stream.stats()
@@ -330,7 +351,8 @@ def test_shard_vanishing_mid_run_is_counted(ds: Path) -> None:
     (ds / "train-000001.tar").unlink()
     assert len(take(stream, 20)) == 20
     stats = stream.stats()
-    assert stats["shard_errors"] > 0 and stats["skipped"] == 20 * stats["shard_errors"]  # 20 per failed open
+    # Every canonical partition with a piece of the vanished shard fails to open it and counts that piece lost.
+    assert stats["shard_errors"] > 0 and stats["skipped"] >= 20
 
 
 def test_all_shards_unreadable_raises_instead_of_hanging(ds: Path) -> None:
@@ -338,7 +360,7 @@ def test_all_shards_unreadable_raises_instead_of_hanging(ds: Path) -> None:
     stream = build_train_stream(cfg(ds), m, rank=0, world_size=1)
     for p in ds.glob("*.tar"):
         p.unlink()
-    with pytest.raises(DataError, match="no samples from"):
+    with pytest.raises(DataError, match="gave no sample in 16 epochs in a row"):
         next(stream)
 
 
@@ -362,9 +384,12 @@ def test_brace_pattern_and_pipe_urls(shards: Path) -> None:
     ev = build_eval_stream(cfg(shards, train_shards=piped), m, rank=0, world_size=1, split="train", return_keys=True)
     assert ev.num_batches is None  # counts unknown for URLs outside the manifest
     assert sorted(k for b in ev for k in b[2]) == [f"{i:08d}" for i in range(N)]
-    stream = build_train_stream(cfg(shards, train_shards=piped), m, rank=0, world_size=1)
-    assert next(stream)[0].shape == (8, 3, S, S)
+    # Counts unknown: whole shards dealt to the partitions (at least one each).
+    stream = build_train_stream(cfg(shards, train_shards=piped, partitions=2), m, rank=0, world_size=1)
+    assert next(stream).x.shape == (8, 3, S, S)
     assert stream.batches_per_epoch is None and "epoch" not in stream.stats()
+    with pytest.raises(ConfigError, match="shards without sample counts .* cannot feed 8 canonical"):
+        build_train_stream(cfg(shards, train_shards=piped), m, rank=0, world_size=1)
 
 
 def test_http_root(shards: Path) -> None:

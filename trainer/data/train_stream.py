@@ -1,45 +1,37 @@
-"""The training stream: infinite, resampled, equal batches per rank, resumable to the exact batch.
+"""The training stream: the canonical data order (:mod:`trainer.data.canonical`), read by the ranks that own
+each part of it, resumable to the exact sample on any world size the order allows.
 
-Every (rank, DataLoader worker) draws shards with replacement ("resampled", webdataset's recipe for
-multi-node training) from its own seeded generator, so no rank can run out of data before another and
-every rank yields the same number of batches whatever the number of shards or workers. One nominal
-epoch is ``train samples // (batch_size · world_size)`` batches per rank; shards are drawn with
-replacement, so per epoch each sample is seen once in expectation, not exactly once.
+Rank ``r`` reads its canonical partitions, split among its loader workers (worker ``k`` takes the rank's
+partitions ``k, k + K, ...``). For every global batch each worker sends one chunk: ``B / P`` decoded samples
+of each of its partitions. The DataLoader hands the workers' chunks over in strict rotation, so the rank puts
+batch ``b`` together from ``K`` consecutive chunks, in partition order: its slice ``[r·B/W, (r+1)·B/W)`` of the
+global batch, cut into ``accum`` micro-batches. Every micro-batch carries its samples' places (batch number and
+index in the batch), the key of their randomness (:mod:`trainer.per_sample`), and their keys and epochs.
 
-Rounds and exact resume
-    A worker's stream is a sequence of rounds. Round r draws its shards, shuffle-buffer swaps and flips
-    from one generator seeded by (data.seed, rank, worker, num_workers, world_size, origin, r); it reads
-    ``batches_per_round · batch_size`` samples, drains its shuffle buffer, and yields the full batches
-    (a partial last batch is dropped). A batch's position is (round, index within the round). The state
-    (:meth:`TrainStream.state_dict`) holds, per worker, the position of the last batch the trainer
-    *consumed* (batches prefetched by the loader do not count). Loading it restarts each worker at its
-    round and re-generates, then drops, the batches it had delivered in that round: the resumed stream
-    continues bit for bit, at the cost of re-reading at most one round per worker.
-    The DataLoader asks its workers in strict rotation starting at worker 0; after n consumed batches
-    the next one is due from worker n mod W, so a resumed loader's physical worker i plays logical
-    worker (i + n) mod W.
-
-Another layout
-    A state saved with other stream settings (world size, num_workers, batch size, shards, seed,
-    buffer, flip, round size) cannot be continued position by position. The stream then starts over
-    with a new ``origin`` derived from the saved one and its consumed count, so it is deterministic and
-    does not replay the earlier stream's rounds; :attr:`TrainStream.restart_reason` says why.
+State (:meth:`TrainStream.state_dict`): the number of global batches consumed, and per partition of this rank
+its position: (epoch, segment, samples of the segment delivered) plus its problem counters, as of the last
+batch the trainer *consumed* (batches prefetched by the loader do not count). The union over ranks is the
+whole stream's state, so a checkpoint resumes on any world size that divides ``data.partitions``: each rank
+takes its partitions' positions and restarts each partition at its segment, re-reading and re-shuffling that
+segment and dropping what it had delivered (at most one segment, i.e. one shard's worth, per partition). A
+state saved under another global batch, partition count, seed or shard list cannot be continued sample by
+sample: the stream then starts the next epoch afresh and says why (:attr:`TrainStream.restart_reason`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
 from trainer.config import DataConfig
+from trainer.data.canonical import CanonicalOrder, Segment, check_layout, default_partitions
 from trainer.data.manifest import DatasetInfo, split_urls
 from trainer.data.reading import (
     DataError,
@@ -55,248 +47,262 @@ from trainer.data.reading import (
     worker_info,
 )
 
-MAX_EMPTY_SHARDS_MIN = 16
-"""A training worker gives up (raises) after max(16, 4 × number of shards) shards in a row yield nothing."""
-
-
-def stream_seed(seed: int, rank: int, worker: int, num_workers: int, world_size: int, origin: int, round_: int) -> int:
-    """One 64-bit seed per (seed, rank, worker, num_workers, world_size, origin, round)."""
-    entropy = [seed % 2**63, rank, worker, num_workers, world_size, origin % 2**63, round_]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+MAX_EMPTY_EPOCHS = 16
+"""A partition gives up (raises) after this many whole epochs without one readable sample."""
 
 
 @dataclass(frozen=True)
-class WorkerPosition:
-    """Where a worker's stream stands: ``offset`` batches of round ``round`` delivered, and its
-    cumulative problem counters at that point."""
+class PartitionPosition:
+    """Where a partition's stream stands: ``offset`` samples of segment ``segment`` of epoch ``epoch``
+    delivered, and its cumulative problem counters at that point."""
 
-    round: int = 0
+    epoch: int = 0
+    segment: int = 0
     offset: int = 0
     skipped: int = 0
     shard_errors: int = 0
 
     def as_list(self) -> list[int]:
-        return [self.round, self.offset, self.skipped, self.shard_errors]
+        return [self.epoch, self.segment, self.offset, self.skipped, self.shard_errors]
 
 
-class _TrainDataset(IterableDataset):
-    """Infinite stream of full batches for one rank; each DataLoader worker runs its own copy."""
+class MicroBatch(NamedTuple):
+    """One micro-batch of this rank: ``x`` float32 [n, C, H, W] in [-1, 1], ``y`` int64 [n] (zeros unlabeled),
+    the samples' ``keys``, their ``index`` in the global batch (int64 [n]), the global ``batch`` number and each
+    sample's ``epoch``."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        counts: dict[str, int],
-        spec: Spec,
-        cfg: DataConfig,
-        rank: int,
-        world_size: int,
-        seed: int,
-        return_keys: bool,
-    ) -> None:
-        super().__init__()
-        self.urls, self.counts, self.spec = urls, counts, spec
-        self.batch_size, self.buffer, self.flip = cfg.batch_size, cfg.shuffle_buffer, cfg.random_flip
-        self.round_samples = cfg.batches_per_round * cfg.batch_size
-        self.rank, self.world_size, self.seed, self.return_keys = rank, world_size, seed, return_keys
-        # Set by TrainStream before each loader is built (workers get a pickled copy).
-        self.origin = 0
-        self.shift = 0
-        self.positions: dict[int, WorkerPosition] = {}
+    x: torch.Tensor
+    y: torch.Tensor
+    keys: list[str]
+    index: torch.Tensor
+    batch: int
+    epoch: list[int]
 
-    def _round_samples(self, rng: random.Random, problems: Problems, empty: list[int]) -> Iterator[dict[str, Any]]:
-        """``round_samples`` raw samples from shards drawn with replacement."""
-        empty_limit = max(MAX_EMPTY_SHARDS_MIN, 4 * len(self.urls))
-        read = 0
-        while read < self.round_samples:
-            url = self.urls[rng.randrange(len(self.urls))]
-            samples = raw_samples(url, problems)
-            seen, exhausted = 0, False
-            while read < self.round_samples:
-                try:
-                    sample = next(samples)
-                except StopIteration:
-                    exhausted = True
-                    break
-                seen += 1
-                read += 1
-                yield sample
-            if not exhausted:
-                samples.close()  # the round is full; the rest of this shard is not read
-                return
-            expected = self.counts.get(url)
-            if expected is not None and seen < expected:
-                problems.lost(url, seen, expected, expected - seen)
-            empty[0] = 0 if seen else empty[0] + 1
-            if empty[0] >= empty_limit:
-                raise DataError(
-                    f"no samples from {empty[0]} shards in a row (last problem: {problems.last_error or 'none'}); "
-                    f"check the shard URLs, e.g. {self.urls[0]}"
-                )
 
-    @staticmethod
-    def _shuffled(src: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-        """Buffer shuffle that drains the buffer when the source ends (a round leaves nothing behind)."""
-        if size < 2:
-            yield from src
-            return
-        buf: list[dict[str, Any]] = []
-        for sample in src:
-            if len(buf) < size:
-                buf.append(sample)
-                continue
-            i = rng.randrange(size)
-            buf[i], sample = sample, buf[i]
+def _segment_samples(seg: Segment, problems: Problems) -> Iterator[dict[str, Any]]:
+    """The raw samples of one segment, read sequentially (the ``skip`` before it are read, not decoded)."""
+    end = None if seg.take is None else seg.skip + seg.take
+    index = 0
+    samples = raw_samples(seg.url, problems)
+    for sample in samples:
+        index += 1
+        if index > seg.skip:
             yield sample
-        rng.shuffle(buf)
-        yield from buf
+        if end is not None and index >= end:
+            samples.close()
+            return
+    if end is not None and seg.expected is not None and index < end:
+        problems.lost(seg.url, index, seg.expected, end - max(index, seg.skip))
 
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        physical, num_workers = worker_info()
-        worker = (physical + self.shift) % num_workers
-        start = self.positions.get(worker, WorkerPosition())
-        problems = Problems(self.spec.on_error)
-        empty = [0]
-        round_ = start.round
-        while True:
-            rng = random.Random(
-                stream_seed(self.seed, self.rank, worker, num_workers, self.world_size, self.origin, round_)
-            )
-            replay = start.offset if round_ == start.round else 0
-            problems.quiet = replay > 0  # the replayed part warned the first time round
-            if round_ == start.round and replay == 0:
-                problems.skipped, problems.shard_errors = start.skipped, start.shard_errors
-            index = 0
-            images: list[np.ndarray] = []
-            labels: list[int] = []
-            keys: list[str] = []
-            src = self._round_samples(rng, problems, empty)
-            for sample in self._shuffled(src, min(self.buffer, self.round_samples), rng):
-                decoded = decode(sample, self.spec, problems)
+
+def _shuffled(src: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Buffer shuffle that drains the buffer when the source ends (a segment leaves nothing behind)."""
+    if size < 2:
+        yield from src
+        return
+    buf: list[dict[str, Any]] = []
+    for sample in src:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        i = rng.randrange(size)
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def partition_samples(
+    order: CanonicalOrder, partition: int, spec: Spec, buffer: int, start: PartitionPosition
+) -> Iterator[tuple[np.ndarray, int, str, int, PartitionPosition]]:
+    """One partition's decoded samples in canonical order from ``start``, epoch after epoch, each with its key,
+    epoch and the position after it."""
+    problems = Problems(spec.on_error)
+    problems.skipped, problems.shard_errors = start.skipped, start.shard_errors
+    epoch, first, replay = start.epoch, start.segment, start.offset
+    empty_epochs = 0
+    while True:
+        decoded_in_epoch = 0  # replayed samples count: they are readable
+        segments = order.segments(epoch, partition)
+        for s in range(first, len(segments)):
+            rng = random.Random(order.segment_seed(epoch, partition, s))
+            problems.quiet = replay > 0  # the replayed part warned and was counted the first time round
+            n = 0
+            for sample in _shuffled(_segment_samples(segments[s], problems), buffer, rng):
+                decoded = decode(sample, spec, problems)
                 if decoded is None:
                     continue
-                arr, label = decoded
-                if self.flip and rng.random() < 0.5:
-                    arr = arr[:, ::-1]
-                images.append(arr)
-                labels.append(label)
-                keys.append(sample.get("__key__", ""))
-                if len(images) < self.batch_size:
-                    continue
-                index += 1
-                if index <= replay:  # delivered before the checkpoint: regenerate, drop
-                    if index == replay:
+                n += 1
+                decoded_in_epoch += 1
+                if n <= replay:
+                    if n == replay:  # back where the saved stream stood: its counters, not the replay's
                         problems.skipped, problems.shard_errors = start.skipped, start.shard_errors
                         problems.quiet = False
-                    images, labels, keys = [], [], []
                     continue
-                info = {"worker": worker, "round": round_, "offset": index, **problems.counts()}
-                yield (
-                    to_tensor(images),
-                    torch.tensor(labels, dtype=torch.long),
-                    info,
-                    keys if self.return_keys else None,
+                pos = PartitionPosition(epoch, s, n, problems.skipped, problems.shard_errors)
+                yield decoded[0], decoded[1], str(sample.get("__key__", "")), epoch, pos
+            replay = 0
+        # A small partition can fall wholly into a damaged shard for one epoch (the next epoch puts it elsewhere);
+        # many whole epochs without one readable sample mean the data is gone.
+        empty_epochs = empty_epochs + 1 if decoded_in_epoch == 0 and first == 0 else 0
+        if empty_epochs >= MAX_EMPTY_EPOCHS:
+            raise DataError(
+                f"canonical data partition {partition} gave no sample in {empty_epochs} epochs in a row (last "
+                f"problem: {problems.last_error or 'none'}); check the shards, e.g. {order.urls[0]}"
+            )
+        epoch, first = epoch + 1, 0
+
+
+class _CanonicalDataset(IterableDataset):
+    """One rank's partitions; each DataLoader worker runs a copy and reads its share of them."""
+
+    def __init__(self, order: CanonicalOrder, spec: Spec, partitions: list[int], share: int, buffer: int) -> None:
+        super().__init__()
+        self.order, self.spec, self.partitions, self.share, self.buffer = order, spec, partitions, share, buffer
+        # Set by TrainStream before each loader is built (workers get a pickled copy).
+        self.positions: dict[int, PartitionPosition] = {}
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[tuple[int, dict[int, Any]]]:
+        worker, num_workers = worker_info()
+        mine = self.partitions[worker::num_workers]
+        streams = {
+            j: partition_samples(self.order, j, self.spec, self.buffer, self.positions.get(j, PartitionPosition()))
+            for j in mine
+        }
+        batch = self.start_batch
+        while True:
+            chunk = {}
+            for j in mine:
+                items = [next(streams[j]) for _ in range(self.share)]
+                chunk[j] = (
+                    to_tensor([it[0] for it in items]),
+                    torch.tensor([it[1] for it in items], dtype=torch.long),
+                    [it[2] for it in items],
+                    [it[3] for it in items],
+                    items[-1][4].as_list(),
                 )
-                images, labels, keys = [], [], []
-            round_ += 1
+            yield batch, chunk
+            batch += 1
 
 
 class TrainStream:
-    """Infinite iterator of ``(x, y)`` (or ``(x, y, keys)``); iterating again continues, never restarts.
+    """Infinite iterator of :class:`MicroBatch` (see the module docstring); iterating again continues."""
 
-    ``x``: float32 [B, C, H, W] in [-1, 1], B == batch_size always; ``y``: int64 [B] (zeros if unlabeled).
-    Stateful: :meth:`state_dict` / :meth:`load_state_dict` (see the module docstring).
-    """
-
-    def __init__(self, dataset: _TrainDataset, cfg: DataConfig, batches_per_epoch: int | None) -> None:
-        self._dataset = dataset
-        self._cfg = cfg
-        self.batches_per_epoch = batches_per_epoch
-        """Batches per rank in one nominal epoch: train samples // (batch_size · world_size), at least 1;
-        None when ``train_shards`` names shards the manifest does not list (sample count unknown)."""
-        self._it: Iterator | None = None
-        self._stats = Stats()
-        self.consumed = 0
-        """Batches delivered to the trainer since the stream's origin."""
-        self.origin = 0
-        self.positions: dict[int, WorkerPosition] = {}
+    def __init__(
+        self,
+        dataset: _CanonicalDataset,
+        cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        global_batch: int,
+        accum: int,
+    ) -> None:
+        self._dataset, self._cfg = dataset, cfg
+        self.rank, self.world_size, self.global_batch, self.accum = rank, world_size, global_batch, accum
+        self.order = dataset.order
+        self.partitions = dataset.partitions
+        n = self.order.num_samples
+        self.batches_per_epoch = max(1, n // global_batch) if n is not None else None
+        """Global batches in one nominal epoch (train samples // global batch); None when counts are unknown."""
+        self.batch = 0
+        """Global batches consumed since the run began (the number of the next one)."""
+        self.positions: dict[int, PartitionPosition] = {j: PartitionPosition() for j in self.partitions}
         self.restart_reason: str | None = None
         """Why a loaded state could not be continued (None when it was, or nothing was loaded)."""
+        self._it: Iterator | None = None
+        self._queue: list[MicroBatch] = []
+        self._stats = Stats()
 
     def __iter__(self) -> TrainStream:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, ...]:
+    def __next__(self) -> MicroBatch:
+        if not self._queue:
+            self._fill()
+        return self._queue.pop(0)
+
+    def _fill(self) -> None:
         if self._it is None:
-            workers = max(1, self._cfg.num_workers or 0)
-            self._dataset.origin = self.origin
-            self._dataset.shift = self.consumed % workers
             self._dataset.positions = dict(self.positions)
+            self._dataset.start_batch = self.batch
             self._it = iter(make_loader(self._dataset, self._cfg))
             self._stats.started = time.perf_counter()
         t0 = time.perf_counter()
-        x, y, info, keys = next(self._it)
-        self._stats.record(x.shape[0], time.perf_counter() - t0, info)
-        self.consumed += 1
-        self.positions[int(info["worker"])] = WorkerPosition(
-            int(info["round"]), int(info["offset"]), int(info["skipped"]), int(info["shard_errors"])
-        )
-        return (x, y) if keys is None else (x, y, keys)
+        chunks: dict[int, Any] = {}
+        for _ in range(max(1, self._cfg.num_workers or 0)):
+            batch, chunk = next(self._it)
+            if batch != self.batch:  # the DataLoader's rotation is broken: never train on a misplaced sample
+                raise RuntimeError(f"train stream: got a chunk of batch {batch} while assembling batch {self.batch}")
+            chunks.update(chunk)
+        x = torch.cat([chunks[j][0] for j in self.partitions])
+        y = torch.cat([chunks[j][1] for j in self.partitions])
+        keys = [k for j in self.partitions for k in chunks[j][2]]
+        epochs = [e for j in self.partitions for e in chunks[j][3]]
+        for j in self.partitions:
+            self.positions[j] = PartitionPosition(*chunks[j][4])
+        counts = {
+            "worker": 0,
+            "skipped": sum(p.skipped for p in self.positions.values()),
+            "shard_errors": sum(p.shard_errors for p in self.positions.values()),
+        }
+        self._stats.record(x.shape[0], time.perf_counter() - t0, counts)
+        per_rank = self.global_batch // self.world_size
+        micro = per_rank // self.accum
+        first = self.rank * per_rank
+        for a in range(self.accum):
+            lo, hi = a * micro, (a + 1) * micro
+            index = torch.arange(first + lo, first + hi, dtype=torch.long)
+            self._queue.append(MicroBatch(x[lo:hi], y[lo:hi], keys[lo:hi], index, self.batch, epochs[lo:hi]))
+        self.batch += 1
 
     # ------------------------------------------------------------------ state
     def fingerprint(self) -> dict[str, Any]:
         """The settings a saved position is only valid under."""
-        d, cfg = self._dataset, self._cfg
-        return {
-            "world_size": d.world_size,
-            "num_workers": cfg.num_workers or 0,
-            "batch_size": cfg.batch_size,
-            "seed": d.seed,
-            "shuffle_buffer": cfg.shuffle_buffer,
-            "random_flip": cfg.random_flip,
-            "batches_per_round": cfg.batches_per_round,
-            "shards": hashlib.sha256("\n".join(d.urls).encode()).hexdigest()[:16],
-        }
+        return {**self.order.fingerprint(), "global_batch": self.global_batch}
 
     def state_dict(self) -> dict[str, Any]:
+        if self._queue:
+            raise RuntimeError("train stream: state_dict() with micro-batches of a step still unconsumed")
         return {
             "fingerprint": self.fingerprint(),
-            "origin": self.origin,
-            "consumed": self.consumed,
-            "positions": {str(w): p.as_list() for w, p in sorted(self.positions.items())},
+            "batch": self.batch,
+            "positions": {str(j): self.positions[j].as_list() for j in self.partitions},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (call before the first batch is drawn)."""
-        if self._it is not None:
-            raise RuntimeError("TrainStream.load_state_dict: load the state before drawing batches")
-        saved, mine = dict(state["fingerprint"]), self.fingerprint()
-        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
-        if changed:
-            # Deterministic, and distinct from every origin the earlier stream used.
-            self.origin = int(state["origin"]) + int(state["consumed"]) + 1
-            self.consumed, self.positions = 0, {}
-            self.restart_reason = f"data stream settings changed ({', '.join(changed)}): stream restarted"
-            return
-        self.origin = int(state["origin"])
-        self.consumed = int(state["consumed"])
-        self.positions = {int(w): WorkerPosition(*map(int, p)) for w, p in state["positions"].items()}
-        self.restart_reason = None
-        self._stats.per_worker = {
-            w: {"skipped": p.skipped, "shard_errors": p.shard_errors} for w, p in self.positions.items()
-        }
+        self.load_state_dict_resharded([state])
 
     def load_state_dict_resharded(self, states: list[dict[str, Any]]) -> None:
-        """A state saved at another world size: every rank restarts from rank 0's origin (see above)."""
-        self.load_state_dict(states[0])
+        """Continue from the states every saving rank wrote (any world size the canonical order allows)."""
+        if self._it is not None:
+            raise RuntimeError("TrainStream.load_state_dict: load the state before drawing batches")
+        saved, mine = dict(states[0]["fingerprint"]), self.fingerprint()
+        merged = {int(j): PartitionPosition(*map(int, p)) for s in states for j, p in s["positions"].items()}
+        self.batch = int(states[0]["batch"])
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if changed:
+            epoch = max((p.epoch for p in merged.values()), default=-1) + 1
+            self.positions = {j: PartitionPosition(epoch) for j in self.partitions}
+            self.restart_reason = (
+                f"data stream settings changed ({', '.join(changed)}): the data order starts afresh at epoch {epoch}"
+            )
+            return
+        missing = [j for j in self.partitions if j not in merged]
+        if missing:
+            raise ValueError(f"train stream state has no position for canonical partition {missing[0]}")
+        self.positions = {j: merged[j] for j in self.partitions}
+        self.restart_reason = None
 
     # ------------------------------------------------------------------ monitoring
     def stats(self) -> dict[str, float]:
-        """Counters: samples, batches (this process), skipped (samples), shard_errors (cumulative),
-        wait_s (time blocked waiting for data), last_wait_s, wait_per_batch_s, samples_per_s (since the
-        first batch was requested), epoch (consumed / batches_per_epoch; absent when unknown)."""
+        """Counters: samples, batches (this process), skipped (samples), shard_errors (cumulative), wait_s (time
+        blocked waiting for data), last_wait_s, wait_per_batch_s, samples_per_s (since the first batch was
+        requested), epoch (global batches / batches per epoch; absent when unknown)."""
         out = self._stats.as_dict()
         if self.batches_per_epoch:
-            out["epoch"] = self.consumed / self.batches_per_epoch
+            out["epoch"] = self.batch / self.batches_per_epoch
         return out
 
     def close(self) -> None:
@@ -310,19 +316,23 @@ def build_train_stream(
     *,
     rank: int,
     world_size: int,
-    seed: int | None = None,
-    return_keys: bool = False,
+    global_batch: int | None = None,
+    accum: int = 1,
+    partitions: int | None = None,
 ) -> TrainStream:
-    """The infinite, resampled training stream of one rank (see the module docstring for guarantees).
-
-    ``seed`` defaults to ``cfg.seed``. To resume, :meth:`TrainStream.load_state_dict` before iterating.
-    """
+    """This rank's part of the canonical training stream. ``cfg`` carries the loader settings of this rank
+    (``batch_size`` is the micro-batch); ``global_batch`` defaults to micro-batch × ``accum`` × ``world_size``;
+    ``partitions`` to ``cfg.partitions``, else :func:`~trainer.data.canonical.default_partitions`. A world size
+    or worker count the canonical order does not allow is a one-line ConfigError."""
     check_rank(rank, world_size)
+    batch = global_batch if global_batch is not None else cfg.batch_size * accum * world_size
+    P = partitions or cfg.partitions or default_partitions(batch)
+    check_layout(P, batch, world_size, cfg.num_workers or 0)
     urls = split_urls(cfg, info, "train")
-    counts = {u: info.shard_counts[u] for u in urls if u in info.shard_counts}
-    known = sum(counts.values()) if len(counts) == len(urls) else None
-    per_epoch = max(1, known // (cfg.batch_size * world_size)) if known is not None else None
-    dataset = _TrainDataset(
-        urls, counts, spec_for(cfg, info), cfg, rank, world_size, cfg.seed if seed is None else seed, return_keys
-    )
-    return TrainStream(dataset, cfg, per_epoch)
+    known = all(u in info.shard_counts for u in urls)
+    counts = tuple(info.shard_counts[u] for u in urls) if known else None
+    order = CanonicalOrder(tuple(urls), counts, P, cfg.seed)
+    per_rank = P // world_size
+    mine = list(range(rank * per_rank, (rank + 1) * per_rank))
+    dataset = _CanonicalDataset(order, spec_for(cfg, info), mine, batch // P, cfg.shuffle_buffer)
+    return TrainStream(dataset, cfg, rank, world_size, batch, accum)
