@@ -80,7 +80,7 @@ def test_resolve_decides_once_and_leaves_the_config_alone() -> None:
     assert rt.precision in ("bf16", "fp32") and rt.zero_stage == 2
     assert rt.batch.global_batch == 128
     assert (rt.batch.micro_batch, rt.batch.grad_accum) == (16, 2)
-    assert rt.loader == LoaderSettings(batch_size=16, num_workers=0, pin_memory=False)
+    assert rt.loader == LoaderSettings(batch_size=16, num_workers=0, pin_memory=False, partitions=64)
     assert any(line.startswith("batch 128 per step = 4 ranks x 2 accumulation x 16") for line in rt.lines())
     assert cfg.data.batch_size == 16 and cfg.train.precision == "auto"  # the config keeps the user's requests
     ds = deepspeed_config(cfg, rt, n_params=1000)
