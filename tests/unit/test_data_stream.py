@@ -417,3 +417,50 @@ def test_http_root(shards: Path) -> None:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- mid-shard starts
+
+
+def _tar(path: Path, keys: list[str], size: int) -> None:
+    """Samples of two members each (the second name has two dots), a metadata member and a directory."""
+    with tarfile.open(path, "w") as tar:
+
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("__meta__", b"not a sample")
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, key in enumerate(keys):
+            add(f"{key}.png", bytes([i]) * (size + i))
+            add(f"{key}.seg.cls", str(i).encode())
+
+
+@pytest.mark.parametrize("start", [0, 1, 5, 11, 12, 20])
+def test_a_reader_starting_mid_shard_gets_the_samples_a_sequential_read_gets(tmp_path: Path, start: int) -> None:
+    from trainer.data.reading import OnError, Problems, raw_samples, sample_offsets
+
+    def read(url: str, first: int) -> list[tuple]:
+        out = raw_samples(url, Problems(OnError.RAISE), start=first)
+        return [(s["__key__"], s["png"], s["seg.cls"]) for s in out]
+
+    path = tmp_path / "shard.tar"
+    keys = [f"k{i:03d}" for i in range(12)]
+    _tar(path, keys, size=700)
+    index = sample_offsets(str(path))
+    assert index is not None and index[1] == tuple(keys)  # the seek path is the one taken for a local tar
+    with path.open("rb") as f:  # each offset is its sample's first header (a wrong one would fall back silently)
+        for offset, key in zip(*index, strict=True):
+            f.seek(offset)
+            assert f.read(100).rstrip(b"\0") == f"{key}.png".encode()
+    reference = read(f"pipe:cat {path}", 0)  # a pipe cannot seek: read from the start
+    assert [r[0] for r in reference] == keys
+    assert read(str(path), start) == reference[start:]
+    assert read(f"pipe:cat {path}", start) == reference[start:]
+    # Rewritten with other sizes (every offset moves): the index follows the file, not a stale copy.
+    _tar(path, keys, size=1500)
+    assert read(str(path), start) == read(f"pipe:cat {path}", 0)[start:]

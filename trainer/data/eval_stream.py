@@ -78,19 +78,18 @@ class _EvalDataset(IterableDataset):
 
         for seg in self.segments[worker::num_workers]:
             end = None if seg.take is None else seg.skip + seg.take
-            index = 0
-            for sample in raw_samples(seg.url, problems):
+            index = seg.skip
+            for sample in raw_samples(seg.url, problems, start=seg.skip):
                 index += 1
-                if index > seg.skip:
-                    decoded = decode(sample, self.spec, problems)
-                    if decoded is not None:
-                        images.append(decoded[0])
-                        labels.append(decoded[1])
-                        keys.append(sample.get("__key__", ""))
-                        positions.append(seg.first + index - 1 - seg.skip if seg.first >= 0 else -1)
-                        if len(images) == self.batch_size:
-                            yield chunk()
-                            images, labels, keys, positions = [], [], [], []
+                decoded = decode(sample, self.spec, problems)
+                if decoded is not None:
+                    images.append(decoded[0])
+                    labels.append(decoded[1])
+                    keys.append(sample.get("__key__", ""))
+                    positions.append(seg.first + index - 1 - seg.skip if seg.first >= 0 else -1)
+                    if len(images) == self.batch_size:
+                        yield chunk()
+                        images, labels, keys, positions = [], [], [], []
                 if end is not None and index >= end:
                     break
             if end is not None and index < end and seg.expected is not None:

@@ -9,13 +9,18 @@ these into :class:`DataError`.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import os
+import re
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -87,13 +92,91 @@ class Problems:
         return {"skipped": self.skipped, "shard_errors": self.shard_errors}
 
 
-def raw_samples(url: str, problems: Problems) -> Iterator[dict[str, Any]]:
-    """Samples (dicts of raw bytes) of one shard, via webdataset's opener, tar expander and grouper."""
+def raw_samples(url: str, problems: Problems, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Samples (dicts of raw bytes) of one shard from its ``start``-th on, via webdataset's opener, tar expander
+    and grouper.
+
+    Readers start mid-shard all the time (a canonical partition begins anywhere in a shard). Reaching sample
+    ``start`` by reading costs a Python tar-header parse per member before it: with 64 partitions over
+    10,000-sample shards that is ~7 samples read per sample delivered. A local uncompressed tar is instead
+    entered with one seek to the sample's first header (:func:`sample_offsets`); anything else is read from
+    its beginning and the first ``start`` samples dropped.
+    """
     problems.reading = url
     handler = problems.reader_error
+    index = sample_offsets(url) if start > 0 else None
+    if index is not None and start < len(index[0]):
+        offset, key = index[0][start], index[1][start]
+        try:
+            stream = open(_local_path(url), "rb")  # noqa: SIM115 (closed by the generator below)
+            stream.seek(offset)
+        except OSError:
+            pass  # gone since it was indexed: the plain read below reports it once
+        else:
+            files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+            samples = tariterators.group_by_keys(files, handler=handler)
+            with stream:
+                first = next(samples, None)
+                if first is not None and first.get("__key__") == key:
+                    yield first
+                    yield from samples
+                    return
+            # Not where the index said (a shard rewritten within the same mtime tick): read it from the start.
     streams = tariterators.url_opener([{"url": url}], handler=handler)
     files = tariterators.tar_file_expander(streams, handler=handler)
-    yield from tariterators.group_by_keys(files, handler=handler)
+    for i, sample in enumerate(tariterators.group_by_keys(files, handler=handler)):
+        if i >= start:
+            yield sample
+
+
+# Names webdataset's tar_file_iterator skips (its skip_meta pattern and its metadata prefix/suffix).
+_META = re.compile(r"__[^/]*__($|/)")
+_META_PREFIX, _META_SUFFIX = tariterators.meta_prefix, tariterators.meta_suffix
+
+
+def _local_path(url: str) -> str | None:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return parsed.path
+    return url if not parsed.scheme and not url.startswith("pipe:") else None
+
+
+def sample_offsets(url: str) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+    """(byte offset of each sample's first tar header, its key) for a local uncompressed ``.tar`` shard; None
+    for anything else or a tar that does not parse to its end. Built once per process and file version (path,
+    size, mtime) from the headers alone (tarfile seeks over the data), grouping members into samples by
+    webdataset's rule: consecutive members with the same :func:`webdataset.tariterators.base_plus_ext` prefix,
+    metadata names skipped."""
+    path = _local_path(url)
+    if path is None or not path.endswith(".tar"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _tar_index(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tar_index(path: str, size: int, mtime_ns: int) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+    offsets: list[int] = []
+    keys: list[str] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                name = member.name
+                tar.members = []  # headers only: do not keep every TarInfo of a large shard
+                if not member.isreg() or _META.match(name):
+                    continue
+                if "/" not in name and name.startswith(_META_PREFIX) and name.endswith(_META_SUFFIX):
+                    continue
+                prefix, _ = tariterators.base_plus_ext(name)
+                if prefix is not None and (not keys or prefix != keys[-1]):
+                    offsets.append(member.offset)
+                    keys.append(prefix)
+    except (OSError, tarfile.TarError):
+        return None
+    return tuple(offsets), tuple(keys)
 
 
 def decode(sample: dict[str, Any], spec: Spec, problems: Problems) -> tuple[np.ndarray, int] | None:
