@@ -19,9 +19,10 @@ place in the run, (batch, index in the batch), is therefore the same on any worl
 the per-sample randomness keyed by it (:mod:`trainer.per_sample`) is too.
 
 Why contiguous ranges rather than whole shards: they balance the partitions to one sample, also when there
-are fewer shards than partitions. The price is that a partition may begin in the middle of a shard: the
-samples before it are read but not decoded, at most one shard's worth per partition and epoch (sequential
-reading, far cheaper than decoding).
+are fewer shards than partitions. The price is that a partition may begin in the middle of a shard: a local
+uncompressed shard is entered with one seek (a header index built once per process,
+:func:`trainer.data.reading.sample_offsets`); any other URL is read from its start and the samples before the
+partition dropped undecoded, at most one shard's worth per partition and epoch.
 """
 
 from __future__ import annotations
