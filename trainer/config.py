@@ -80,6 +80,13 @@ class ModelConfig(_Section):
     num_heads: int = Field(4, gt=0)
     num_head_channels: int = -1
     """Channels per attention head; when > 0 it overrides ``num_heads``."""
+    num_heads_upsample: int = -1
+    """Heads of the attention blocks on the way up (improved-diffusion's flag of the same name); -1: as the
+    rest of the network (``num_heads`` / ``num_head_channels``)."""
+    rescale_timesteps: bool = False
+    """Feed the network t·1000/T instead of t (improved-diffusion's ``rescale_timesteps``, which its CIFAR-10 and
+    ImageNet-64 models were trained with at T = 4000): training, sampling, bits/dim and the export all see the
+    same scaled values, because the UNet applies it itself. Imported checkpoints set it from their flags."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout inside every ResBlock (paper: 0.3 on CIFAR-10, 0 on ImageNet 64)."""
     use_scale_shift_norm: bool = True
