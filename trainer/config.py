@@ -209,6 +209,13 @@ class TrainConfig(_Section):
     (emulated bf16 on an AVX2 CPU is ~10x slower than fp32). Resolved once at start and logged."""
     compile: bool = False
     """``torch.compile`` the UNet (CUDA: faster steps after a compile of a minute or two)."""
+    init_from: str | None = None
+    """Fine-tune: an export (``export.pt``, or a run / checkpoint directory holding one; ours, or an improved-diffusion
+    checkpoint imported with ``python -m trainer.convert from-iddpm``) whose EMA weights (at its ``sample.ema_rate``)
+    initialise a NEW run's model and every EMA; the optimizer, LR schedule and counters start fresh, on any ZeRO
+    stage. ``model`` and ``diffusion`` must describe the same network (start from the import's ``config.yaml`` as
+    ``base``). A run that resumes from its own checkpoint ignores it. An imported class-conditional model's null-class
+    row is fresh: ``model.label_dropout`` trains it."""
     zero_stage: int | None = Field(None, ge=0, le=3)
     """None: the DeepSpeed JSON's ``zero_optimization.stage`` if set, else 2."""
     seed: int = 0
