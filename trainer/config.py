@@ -288,7 +288,7 @@ class TrainConfig(_Section):
 class SampleConfig(_Section):
     num_samples: int = Field(64, gt=0)
     batch_size: int = Field(64, gt=0)
-    method: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"
+    method: Literal["ddpm", "ddim", "euler", "heun", "sde", "pc"] = "ddpm"
     steps: str = "50"
     """Respacing: "50", "10,15,20" (per section) or "ddim50"; empty string for all T steps. Checked
     against ``diffusion.steps`` when the config loads (see ``Config._sample_steps_fit_schedule``)."""
@@ -302,6 +302,10 @@ class SampleConfig(_Section):
     """DDIM η (0: deterministic)."""
     churn: float = Field(0.0, ge=0.0)
     """EDM (Heun/Euler) stochastic churn S_churn; 0 is the deterministic ODE."""
+    snr: float = Field(0.16, gt=0.0)
+    """Method ``pc``: the Langevin corrector's signal-to-noise ratio (Song et al. 2021, Algorithm 5)."""
+    corrector_steps: int = Field(1, ge=1)
+    """Method ``pc``: Langevin corrector steps before each predictor step (each costs one network call)."""
     clip_denoised: bool = True
     use_ema: bool = True
     ema_rate: float | None = None
