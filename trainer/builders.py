@@ -48,6 +48,34 @@ def default_model(cfg: Config, info: DatasetInfo, num_classes: int | None) -> to
     return build_model(cfg, info.image_size, info.channels, num_classes)
 
 
+def load_initial_weights(cfg: Config, model: torch.nn.Module, info: DatasetInfo) -> None:
+    """``train.init_from``: the export's EMA weights (at its ``sample.ema_rate``) into ``model``, before the engine
+    wraps it (so every ZeRO stage partitions them, and the EMA, built from the engine's module, starts from them).
+    A file or network that does not fit is a ConfigError naming the key, on one line."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import config_from_dict
+    from trainer.evaluation.inference import weights_mismatch
+    from trainer.export import load_export
+
+    try:
+        state = load_export(str(cfg.train.init_from))
+        saved_cfg = config_from_dict(state["config"], source=state["path"])
+    except (CheckpointError, ConfigError) as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    meta = state["meta"]
+    if (meta.get("image_size"), meta.get("channels")) != (info.image_size, info.channels):
+        raise ConfigError(
+            f"train.init_from: {state['path']} holds a model of {meta.get('image_size')}px x {meta.get('channels')} "
+            f"channels, the data are {info.image_size}px x {info.channels}"
+        )
+    rate = str(saved_cfg.sample_ema_rate)
+    weights = state["ema"].get(rate, state["model"])
+    problem = weights_mismatch(cfg, model.state_dict(), weights)
+    if problem:
+        raise ConfigError(f"train.init_from: {state['path']}: {problem}")
+    model.load_state_dict(weights)
+
+
 def default_stream(cfg: Config, rt: Runtime, info: DatasetInfo) -> TrainStream:
     return build_train_stream(
         rt.loader.apply(cfg.data),
@@ -113,6 +141,9 @@ def build_run(cfg: Config, rt: Runtime, builders: Builders) -> Run:
         model = builders.model(cfg, manifest, num_classes)
     except ValueError as err:  # an architecture impossible for these images: a config problem
         raise ConfigError(f"{err} (images are {manifest.image_size}px)") from None
+    if cfg.train.init_from:
+        load_initial_weights(cfg, model, manifest)
+        say(env.is_main, f"train.init_from: model and EMA start from {cfg.train.init_from}")
     n_params = count_parameters(model)
     flops = estimate_flops_per_image(model, manifest.image_size, manifest.channels, num_classes)
     seed_rank_stream(cfg.train.seed, env.rank, step=0)

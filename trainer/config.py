@@ -80,6 +80,13 @@ class ModelConfig(_Section):
     num_heads: int = Field(4, gt=0)
     num_head_channels: int = -1
     """Channels per attention head; when > 0 it overrides ``num_heads``."""
+    num_heads_upsample: int = -1
+    """Heads of the attention blocks on the way up (improved-diffusion's flag of the same name); -1: as the
+    rest of the network (``num_heads`` / ``num_head_channels``)."""
+    rescale_timesteps: bool = False
+    """Feed the network t·1000/T instead of t (improved-diffusion's ``rescale_timesteps``, which its CIFAR-10 and
+    ImageNet-64 models were trained with at T = 4000): training, sampling, bits/dim and the export all see the
+    same scaled values, because the UNet applies it itself. Imported checkpoints set it from their flags."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout inside every ResBlock (paper: 0.3 on CIFAR-10, 0 on ImageNet 64)."""
     use_scale_shift_norm: bool = True
@@ -202,6 +209,13 @@ class TrainConfig(_Section):
     (emulated bf16 on an AVX2 CPU is ~10x slower than fp32). Resolved once at start and logged."""
     compile: bool = False
     """``torch.compile`` the UNet (CUDA: faster steps after a compile of a minute or two)."""
+    init_from: str | None = None
+    """Fine-tune: an export (``export.pt``, or a run / checkpoint directory holding one; ours, or an improved-diffusion
+    checkpoint imported with ``python -m trainer.convert from-iddpm``) whose EMA weights (at its ``sample.ema_rate``)
+    initialise a NEW run's model and every EMA; the optimizer, LR schedule and counters start fresh, on any ZeRO
+    stage. ``model`` and ``diffusion`` must describe the same network (start from the import's ``config.yaml`` as
+    ``base``). A run that resumes from its own checkpoint ignores it. An imported class-conditional model's null-class
+    row is fresh: ``model.label_dropout`` trains it."""
     zero_stage: int | None = Field(None, ge=0, le=3)
     """None: the DeepSpeed JSON's ``zero_optimization.stage`` if set, else 2."""
     seed: int = 0
@@ -274,7 +288,7 @@ class TrainConfig(_Section):
 class SampleConfig(_Section):
     num_samples: int = Field(64, gt=0)
     batch_size: int = Field(64, gt=0)
-    method: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"
+    method: Literal["ddpm", "ddim", "euler", "heun", "sde", "pc"] = "ddpm"
     steps: str = "50"
     """Respacing: "50", "10,15,20" (per section) or "ddim50"; empty string for all T steps. Checked
     against ``diffusion.steps`` when the config loads (see ``Config._sample_steps_fit_schedule``)."""
@@ -288,6 +302,10 @@ class SampleConfig(_Section):
     """DDIM η (0: deterministic)."""
     churn: float = Field(0.0, ge=0.0)
     """EDM (Heun/Euler) stochastic churn S_churn; 0 is the deterministic ODE."""
+    snr: float = Field(0.16, gt=0.0)
+    """Method ``pc``: the Langevin corrector's signal-to-noise ratio (Song et al. 2021, Algorithm 5)."""
+    corrector_steps: int = Field(1, ge=1)
+    """Method ``pc``: Langevin corrector steps before each predictor step (each costs one network call)."""
     clip_denoised: bool = True
     use_ema: bool = True
     ema_rate: float | None = None

@@ -115,7 +115,9 @@ def test_variance_parameterisations() -> None:
     large = _diff("fixed_large", "mse").p_mean_variance_from_output(torch.zeros_like(x), x, t)
     for i, step in enumerate(t.tolist()):
         assert small["log_variance"][i, 0, 0, 0].item() == pytest.approx(math.log(bt_clipped[step]), rel=1e-12)
-        assert large["log_variance"][i, 0, 0, 0].item() == pytest.approx(math.log(ref["betas"][step]), rel=1e-12)
+        # Fixed-large: β_t, but β̃_1 at t = 0 (improved-diffusion's table).
+        want_large = math.log(bt[1]) if step == 0 else math.log(ref["betas"][step])
+        assert large["log_variance"][i, 0, 0, 0].item() == pytest.approx(want_large, rel=1e-12)
 
 
 def test_epsilon_mean_is_ddpm_eq11_and_x0_parameterisation_agrees() -> None:

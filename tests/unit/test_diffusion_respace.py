@@ -32,7 +32,7 @@ def test_space_timesteps_specs() -> None:
     assert space_timesteps(10, "4,3,3") == list(range(10))
     assert space_timesteps(100, "ddim25") == list(range(0, 100, 4))
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
-    assert space_timesteps(100, "1") == [99]
+    assert space_timesteps(100, "1") == [0]  # a one-step section keeps its first step (improved-diffusion)
     assert space_timesteps(100, 5) == space_timesteps(100, "5")
 
 
@@ -91,6 +91,23 @@ def test_k_equals_t_reproduces_the_unspaced_process_exactly() -> None:
     n = torch.randn(3, 2, 4, 4)
     a, b = base.training_losses(model, x0, t, noise=n), same.training_losses(model, x0, t, noise=n)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_half_to_even_running_stride_as_improved_diffusion() -> None:
+    # Figures read off improved-diffusion's space_timesteps (issue 19): round() of the running sum of the
+    # stride, half to even. Rounding half up would keep 667/3333 and 167/833 instead.
+    k4000 = space_timesteps(4000, "25")
+    assert 666 in k4000 and 3332 in k4000 and 667 not in k4000 and 3333 not in k4000
+    k1000 = space_timesteps(1000, "25")
+    assert 166 in k1000 and 832 in k1000 and 167 not in k1000 and 833 not in k1000
+    # The same rule derived here in exact rational arithmetic, ties to even, on the running float sum.
+    stride = 3999 / 24
+    position, expected = 0.0, []
+    for _ in range(25):
+        expected.append(round(position))
+        position += stride
+    assert k4000 == expected
+    assert space_timesteps(300, "1,1,1") == [0, 100, 200]
 
 
 def test_model_receives_original_timesteps() -> None:

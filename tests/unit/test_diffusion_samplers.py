@@ -15,7 +15,8 @@ import torch
 
 from trainer.diffusion import create_diffusion
 from trainer.diffusion.edm import EpsDenoiser, edm_sample, edm_sigma_levels
-from trainer.diffusion.samplers import ddim_invert, ddim_sigma, ddim_step, generate
+from trainer.diffusion.respace import respace
+from trainer.diffusion.samplers import ddim_invert, ddim_sigma, ddim_step, generate, langevin_step, sde_step
 
 T = 200
 MU, S = 0.1, 0.3
@@ -96,6 +97,7 @@ def _flow_map(z: torch.Tensor, sigma_max: float) -> torch.Tensor:
         ("learned_range", "epsilon", "euler", "", {"sigma_schedule": "timesteps"}),
         ("learned_range", "epsilon", "heun", "50", {}),
         ("fixed_small", "x0", "heun", "100", {"churn": 10.0}),
+        ("fixed_small", "epsilon", "sde", "", {}),  # reverse VP SDE, Euler-Maruyama
     ],
 )
 def test_sampler_reproduces_gaussian_mean_and_variance(var, mean, method, respacing, kw) -> None:
@@ -267,3 +269,66 @@ def test_bits_per_dim_of_the_analytic_model_meets_the_entropy_bound(schedule_var
         assert abs(bpd - entropy_bits) < max(4 * se, 0.03), (bpd, entropy_bits)
     else:
         assert bpd > entropy_bits + 0.3
+
+
+# ------------------------------------------------------------- score-based (Song et al. 2021)
+def test_sde_and_langevin_steps_match_a_float64_derivation() -> None:
+    """One Euler-Maruyama step of the reverse VP SDE, x + ½βx + β·s + √β z with s = −ε̂/√(1−ᾱ) (no noise at t = 0),
+    and one Langevin step x + εs + √(2ε) z with ε = 2(1−β)(snr‖z‖/‖s‖)², per sample; tables derived here."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    z = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    model = GaussianModel()
+    for spec in ("", "10"):
+        diff = respace(_diff("fixed_small"), spec) if spec else _diff("fixed_small")
+        kept = list(diff.timestep_map)
+        ab_kept = REF["ab"][kept]
+        betas = 1 - ab_kept / np.concatenate([[1.0], ab_kept[:-1]])
+        t = torch.tensor([0, 5, diff.num_timesteps - 1])
+        eps = model(x, diff.map_timesteps(t))
+        got = sde_step(model, diff, x, t, clip_denoised=False, noise=z)["sample"]
+        got_lv = langevin_step(model, diff, x, t, snr=0.2, clip_denoised=False, noise=z)
+        for i, step in enumerate(t.tolist()):
+            b, ab = betas[step], ab_kept[step]
+            score = -eps[i] / math.sqrt(1 - ab)
+            want = x[i] + 0.5 * b * x[i] + b * score + (math.sqrt(b) * z[i] if step != 0 else 0.0)
+            assert torch.allclose(got[i], want, rtol=1e-9, atol=1e-11), (spec, step)
+            size = 2 * (1 - b) * (0.2 * z[i].norm().item() / score.norm().item()) ** 2
+            want_lv = x[i] + size * score + math.sqrt(2 * size) * z[i]
+            assert torch.allclose(got_lv[i], want_lv, rtol=1e-9, atol=1e-11), (spec, step)
+
+
+def test_langevin_corrector_keeps_the_exact_marginal() -> None:
+    """Langevin steps with the exact score leave the marginal q(x_t) invariant (up to a bias of order the step
+    size; 1024 pixels per sample, as the per-sample step size assumes many dimensions): from exact samples of x_t,
+    20 corrector steps keep its mean and variance."""
+    g = torch.Generator().manual_seed(13)
+    diff = _diff("fixed_small")
+    step = 100
+    ab = REF["ab"][step]
+    x0 = MU + S * torch.randn(200, 1, 32, 32, generator=g)
+    x = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(200, 1, 32, 32, generator=g)
+    t = torch.full((200,), step)
+    for _ in range(20):
+        x = langevin_step(GaussianModel(), diff, x, t, snr=0.1, clip_denoised=False, generator=g)
+    var = ab * S**2 + 1 - ab
+    assert abs(x.mean().item() - math.sqrt(ab) * MU) < 5 * math.sqrt(var / x.numel())
+    assert x.var().item() / var == pytest.approx(1.0, abs=0.03)
+
+
+def test_predictor_corrector_reproduces_gaussian_mean_and_variance() -> None:
+    # 1024 pixels per sample: the corrector's step size uses per-sample norms, meant for many dimensions (with 64,
+    # their spread biases the variance by several %). Song et al.'s snr 0.16.
+    x = generate(
+        GaussianModel(),
+        _diff("fixed_small"),
+        "pc",
+        "",
+        (200, 1, 32, 32),
+        generator=torch.Generator().manual_seed(12),
+        clip_denoised=False,
+        snr=0.16,
+    )
+    n = x.numel()
+    assert abs(x.mean().item() - MU) < 5 * S / math.sqrt(n)
+    assert x.var().item() / S**2 == pytest.approx(1.0, abs=0.06)

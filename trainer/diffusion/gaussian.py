@@ -38,7 +38,8 @@ class ModelVarType(str, Enum):
     FIXED_SMALL = "fixed_small"
     """Σ = β̃_t, the posterior variance (log β̃ at t = 0 uses β̃ at t = 1)."""
     FIXED_LARGE = "fixed_large"
-    """Σ = β_t."""
+    """Σ = β_t for t ≥ 1 and β̃_1 at t = 0 (improved-diffusion's choice: β_0 is tiny and would make the
+    decoder term of the bound needlessly sharp)."""
     LEARNED_RANGE = "learned_range"
     """Model outputs 2C channels (mean part, v); log Σ = frac·log β_t + (1−frac)·log β̃_t,
     frac = (v + 1)/2 (Nichol & Dhariwal 2021, eq. 15)."""
@@ -144,9 +145,12 @@ class GaussianDiffusion:
         self.alphas_cumprod_next = np.append(ac[1:], 0.0)
         self.posterior_variance = post_var
         self.posterior_log_variance_clipped = np.log(clipped)
+        # Fixed-large: β_t, except β̃_1 at t = 0, as improved-diffusion (a one-step process keeps β_0).
+        large = np.append(post_var[1], betas[1:]) if T > 1 else betas.copy()
         self._np: dict[str, np.ndarray] = {
             "betas": betas,
             "log_betas": np.log(betas),
+            "fixed_large_log_variance": np.log(large),
             "alphas_cumprod": ac,
             "alphas_cumprod_prev": ac_prev,
             "sqrt_alphas_cumprod": np.sqrt(ac),
@@ -275,7 +279,7 @@ class GaussianDiffusion:
                 frac = (v + 1.0) / 2.0
                 log_var = frac * max_log + (1.0 - frac) * min_log
             elif self.var_type is ModelVarType.FIXED_LARGE:
-                log_var = self.extract("log_betas", t, x).expand_as(x)
+                log_var = self.extract("fixed_large_log_variance", t, x).expand_as(x)
             else:
                 log_var = self.extract("posterior_log_variance_clipped", t, x).expand_as(x)
 

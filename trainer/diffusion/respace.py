@@ -7,8 +7,6 @@ the original timestep s_k.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .gaussian import GaussianDiffusion
@@ -20,8 +18,13 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     - ``""``: all T steps;
     - ``"K"``: K steps evenly strided over [0, T-1], both ends included;
     - ``"a,b,c"``: T split into equal sections (earlier sections take the remainder), with a, b, c
-      steps evenly strided within each section (a section with one step keeps its last timestep);
+      steps evenly strided within each section;
     - ``"ddimK"``: the DDIM stride: range(0, T, s) for the integer s giving exactly K steps.
+
+    The kept steps are exactly those of improved-diffusion's ``space_timesteps``, so its checkpoints
+    sample here as they do there: within a section the float stride (n−1)/(K−1) is ADDED up step by step
+    and each running sum rounded with Python's ``round()`` (half to even: "25" of T = 4000 keeps 666 and
+    3332, not 667 and 3333), and a one-step section keeps its FIRST timestep ("1" keeps t = 0).
     """
     text = str(spec).strip()
     if text == "":
@@ -43,11 +46,13 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
             raise ValueError(
                 f"respacing {text!r}: section {i} has {section} steps, cannot keep {count} (T = {num_timesteps})"
             )
-        if count == 1:
-            kept.append(start + section - 1)
-        else:
-            stride = (section - 1) / (count - 1)  # >= 1, so rounding keeps the steps distinct
-            kept.extend(start + math.floor(j * stride + 0.5) for j in range(count))
+        # A stride >= 1 keeps the rounded steps distinct. The running sum (not j·stride) and round()
+        # are improved-diffusion's: either change moves some kept steps by one.
+        stride = (section - 1) / (count - 1) if count > 1 else 1.0
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += section
     return kept
 

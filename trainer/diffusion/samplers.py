@@ -1,4 +1,5 @@
-"""Sampling loops: DDPM / Improved-DDPM ancestral, DDIM (+ inversion), Euler and Heun (EDM).
+"""Sampling loops: DDPM / Improved-DDPM ancestral, DDIM (+ inversion), Euler and Heun (EDM), reverse VP SDE
+(Euler–Maruyama) and predictor–corrector (Song et al. 2021).
 
 All samplers call the model through ``GaussianDiffusion.model_output`` (original timesteps, output cast
 to float32), take an optional ``torch.Generator`` for fixed-seed runs and a ``progress(done, total)``
@@ -29,6 +30,11 @@ class SamplerMethod(str, Enum):
     """Euler on the probability-flow ODE in σ (EDM)."""
     HEUN = "heun"
     """Heun's second-order method on the probability-flow ODE in σ (EDM Algorithm 1/2)."""
+    SDE = "sde"
+    """Euler–Maruyama on the reverse-time VP SDE (Song et al. 2021, eqs. 6 and 11)."""
+    PC = "pc"
+    """Predictor–corrector: a Langevin corrector step at signal-to-noise ratio ``snr``, then the Euler–Maruyama
+    predictor, at every step (Song et al. 2021, Algorithm 5 for the VP SDE)."""
 
 
 class SigmaSchedule(str, Enum):
@@ -149,6 +155,112 @@ def ddim_sample_loop(
     return x
 
 
+def vp_score(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    x: Tensor,
+    t: Tensor,
+    clip_denoised: bool,
+    model_kwargs: dict[str, Any] | None,
+) -> Tensor:
+    """∇ log p_t(x) ≈ −ε̂/√(1 − ᾱ_t) (Song et al. 2021, the VP SDE's score of a noise-prediction model), with ε̂
+    re-derived from the (possibly clipped) x̂_0 as DDIM does."""
+    eps = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)["eps"]
+    with fp32_math(x.device):
+        return -eps / diffusion.extract("sqrt_one_minus_alphas_cumprod", t, eps)
+
+
+def sde_step(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    x: Tensor,
+    t: Tensor,
+    *,
+    clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """One Euler–Maruyama step of the reverse-time VP SDE dx = [f − g² ∇log p_t] dt + g dw̄, f = −½β(t)x,
+    g = √β(t) (Song et al. 2021, eqs. 6, 11), over the interval of step t of ``diffusion`` (respaced or not):
+    β(t)·Δt is taken as that step's β_t = 1 − ᾱ_t/ᾱ_{t−1}, so
+
+        x_{t−1} = x_t + ½β_t x_t + β_t ∇log p_t(x_t) + √β_t z,
+
+    and the last step (t = 0) adds no noise (Song et al.'s final "denoise"). Returns sample and mean."""
+    score = vp_score(model, diffusion, x, t, clip_denoised, model_kwargs)
+    with fp32_math(x.device):
+        x = x.to(score.dtype)
+        beta = diffusion.extract("betas", t, x)
+        mean = x + 0.5 * beta * x + beta * score
+        if noise is None:
+            noise = randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return {"sample": mean + nonzero * torch.sqrt(beta) * noise, "mean": mean}
+
+
+def langevin_step(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    x: Tensor,
+    t: Tensor,
+    *,
+    snr: float,
+    clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One Langevin corrector step at the noise level of step t (Song et al. 2021, Algorithm 5, VP SDE):
+    x ← x + ε s + √(2ε) z with s = ∇log p_t(x) and ε = 2 α_t (snr·‖z‖/‖s‖)², α_t = 1 − β_t.
+
+    The norms are per sample; Song et al.'s code averages them over the batch, which would make a sample depend on
+    the others of its batch (and so on the batch size and the number of ranks)."""
+    if snr <= 0.0:
+        raise ValueError(f"snr must be > 0, got {snr}")
+    score = vp_score(model, diffusion, x, t, clip_denoised, model_kwargs)
+    with fp32_math(x.device):
+        x = x.to(score.dtype)
+        if noise is None:
+            noise = randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        alpha = 1.0 - diffusion.extract("betas", t, x)
+        norm = lambda v: v.flatten(1).norm(dim=1).reshape(-1, *([1] * (x.ndim - 1)))  # noqa: E731
+        step = 2.0 * alpha * (snr * norm(noise) / norm(score).clamp_min(1e-12)) ** 2
+        return x + step * score + torch.sqrt(2.0 * step) * noise
+
+
+@torch.no_grad()
+def sde_sample_loop(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    *,
+    corrector: bool = False,
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    device: torch.device | str | None = None,
+    noise: Tensor | None = None,
+    clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    progress: ProgressFn | None = None,
+) -> Tensor:
+    """Reverse VP SDE sampling over every step of ``diffusion`` (respace it first for fewer steps): Euler–Maruyama
+    alone, or with ``corrector`` ``corrector_steps`` Langevin steps at ``snr`` before each predictor step."""
+    x = _initial_noise(shape, device, noise, generator)
+    T = diffusion.num_timesteps
+    common = {"clip_denoised": clip_denoised, "model_kwargs": model_kwargs, "generator": generator}
+    for i, step in enumerate(range(T - 1, -1, -1)):
+        t = _timestep_batch(step, x.shape[0], x.device)
+        if corrector:
+            for _ in range(corrector_steps):
+                x = langevin_step(model, diffusion, x, t, snr=snr, **common)
+        x = sde_step(model, diffusion, x, t, **common)["sample"]
+        if progress is not None:
+            progress(i + 1, T)
+    return x
+
+
 @torch.no_grad()
 def ddim_invert(
     model: Model,
@@ -219,6 +331,8 @@ def generate(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    snr: float = 0.16,
+    corrector_steps: int = 1,
 ) -> Tensor:
     """Draw samples of ``shape`` with one of the samplers; returns float32 images (clamped to
     [-1, 1] when ``clip_denoised``).
@@ -226,7 +340,8 @@ def generate(
     ``respacing`` (see ``space_timesteps``) sets the steps: for ddpm/ddim the kept timesteps; for
     euler/heun the number of σ levels K (Heun costs 2K − 1 model calls), placed by
     ``sigma_schedule``. ``eta`` is DDIM's η; ``churn`` is EDM's S_churn (with s_tmin, s_tmax,
-    s_noise) for euler/heun. ``noise`` fixes x_T; otherwise it is drawn from ``generator``.
+    s_noise) for euler/heun. ``snr`` and ``corrector_steps`` set pc's Langevin corrector (sde and pc take the
+    kept timesteps like ddpm). ``noise`` fixes x_T; otherwise it is drawn from ``generator``.
     """
     kind = parse_enum(SamplerMethod, method, "sampling method")
     shape = tuple(int(s) for s in shape)
@@ -244,6 +359,22 @@ def generate(
             x = ddpm_sample_loop(model, diff, shape, **common)
         else:
             x = ddim_sample_loop(model, diff, shape, eta=eta, **common)
+    elif kind in (SamplerMethod.SDE, SamplerMethod.PC):
+        diff = respace(diffusion, respacing)
+        x = sde_sample_loop(
+            model,
+            diff,
+            shape,
+            corrector=kind is SamplerMethod.PC,
+            snr=snr,
+            corrector_steps=corrector_steps,
+            device=device,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            generator=generator,
+            progress=progress,
+        )
     else:
         schedule = parse_enum(SigmaSchedule, sigma_schedule, "sigma_schedule")
         kept = space_timesteps(diffusion.num_timesteps, respacing)

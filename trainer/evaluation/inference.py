@@ -146,6 +146,8 @@ def generate_uint8(
         clip_denoised=s.clip_denoised,
         eta=s.eta,
         churn=s.churn,
+        snr=s.snr,
+        corrector_steps=s.corrector_steps,
         progress=progress,
     )
     return to_uint8(x)

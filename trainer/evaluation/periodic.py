@@ -263,7 +263,8 @@ class PeriodicEval:
             try:
                 ref, meta = load_reference(tc.eval_reference)  # first: cheaper than loading a network
                 net = load_feature_net(tc.eval_features, env.device)
-                check_feature_net(meta, net.name, tc.eval_reference)
+                if not meta.get("assumes"):  # guided-diffusion / EDM batches record no network (FID only here)
+                    check_feature_net(meta, net.name, tc.eval_reference)
                 dummy = np.zeros((2, manifest.image_size, manifest.image_size, manifest.channels), dtype=np.uint8)
                 dim = net.extract(dummy, device=env.device).pool.shape[1]
                 if dim != ref.pool.mean.shape[0]:

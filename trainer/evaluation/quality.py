@@ -263,7 +263,9 @@ class Reference:
 
     pool: FeatureStats
     spatial: FeatureStats | None
-    pool_subset: np.ndarray
+    pool_subset: np.ndarray | None
+    """Raw pool rows for precision/recall and KID; None for a statistics-only reference (EDM's fid-refs), which
+    then gives FID (and sFID) only. Filled from the images of a guided-diffusion batch by the caller."""
 
 
 def _subset(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -311,15 +313,57 @@ def save_reference(
     return path
 
 
+EXTERNAL_FEATURE_NET = (
+    "the TensorFlow FID Inception-v3 (pool_3, 2048-d; sFID: the first 7 channels of mixed_6/conv), i.e. "
+    "--features inception with the official pt_inception-2015-12-05 weights"
+)
+"""What the reference batches of guided-diffusion's evaluator and EDM's fid-refs were computed with."""
+
+OFFICIAL_INCEPTION = "inception-v3-fid:6726825d"
+"""The ``name`` of :class:`trainer.evaluation.features.InceptionV3FID` with the official weights file."""
+
+
+def _external_reference(path: Path, arrays: dict[str, np.ndarray]) -> tuple[Reference, dict]:
+    """A reference batch of guided-diffusion's evaluator (``mu``, ``sigma``, ``mu_s``, ``sigma_s`` and the images
+    ``arr_0``) or EDM's fid-refs (``mu``, ``sigma``). They record no network: they assume
+    :data:`EXTERNAL_FEATURE_NET`. The images, when present, are returned in ``meta["images"]`` for the caller to
+    compute precision/recall rows with the network in use."""
+    mu, sigma = np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise QualityError(f"reference {path}: inconsistent shapes (mu {mu.shape}, sigma {sigma.shape})")
+    images = arrays.get("arr_0")
+    if images is not None and (images.dtype != np.uint8 or images.ndim != 4):
+        raise QualityError(f"reference {path}: arr_0 must be uint8 NHWC images, got {images.dtype} {images.shape}")
+    n = int(images.shape[0]) if images is not None else 0
+    spatial = None
+    if "mu_s" in arrays and "sigma_s" in arrays:
+        spatial = FeatureStats(np.asarray(arrays["mu_s"], np.float64), np.asarray(arrays["sigma_s"], np.float64), n)
+    guided = images is not None or spatial is not None
+    meta: dict[str, Any] = {
+        "format": "guided-diffusion" if guided else "edm-fid-refs",
+        "feature_net": None,
+        "assumes": EXTERNAL_FEATURE_NET,
+        "count": n or None,
+        "images": images,
+    }
+    if images is not None:
+        meta.update(image_size=int(images.shape[1]), channels=int(images.shape[3]))
+    return Reference(FeatureStats(mu, sigma, n), spatial, None), meta
+
+
 def load_reference(path: str | os.PathLike, expect_feature_net: str | None = None) -> tuple[Reference, dict]:
-    """Read a file written by :func:`save_reference`. With ``expect_feature_net`` (the ``name`` of the network
-    in use), a reference computed with another network is refused: its statistics are not comparable."""
+    """Read a file written by :func:`save_reference`, or a reference batch of guided-diffusion's evaluator or
+    EDM's fid-refs (:func:`_external_reference`; ``meta["format"]`` says which). With ``expect_feature_net`` (the
+    ``name`` of the network in use), a reference of ours computed with another network is refused: its statistics
+    are not comparable. The external ones record no network; the caller states what they assume."""
     path = Path(path)
     if not path.is_file():
         raise QualityError(f"reference {path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+        if "meta" not in arrays and "mu" in arrays and "sigma" in arrays:
+            return _external_reference(path, arrays)
         meta = json.loads(str(arrays["meta"]))
         stats = {}
         for name in ("pool", "spatial"):
@@ -374,6 +418,8 @@ def compute_all(
         out["sfid"] = fid_from_stats(ref.spatial, FeatureStats.from_features(fake.spatial))
     if fake.logits is not None:
         out["is"], out["is_std"] = inception_score(fake.logits, splits=min(is_splits, len(fake)))
+    if ref.pool_subset is None:  # statistics only (EDM's fid-refs): no rows to compare one by one
+        return out
     n = min(pr_samples, ref.pool_subset.shape[0], len(fake))
     real_rows = _subset(ref.pool_subset, n, seed)
     fake_rows = _subset(fake.pool, n, seed + 1)

@@ -48,10 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="images per network call, per rank")
     p.add_argument("--part-size", type=int, default=None, help="images per resumable part (default: batch size)")
-    p.add_argument("--method", choices=["ddpm", "ddim", "euler", "heun"], default=None)
+    p.add_argument("--method", choices=["ddpm", "ddim", "euler", "heun", "sde", "pc"], default=None)
     p.add_argument("--steps", default=None, help='respacing: "50", "10,20,30", "ddim50", or "" for all T')
     p.add_argument("--eta", type=float, default=None, help="DDIM η")
     p.add_argument("--churn", type=float, default=None, help="EDM stochastic churn")
+    p.add_argument("--snr", type=float, default=None, help="pc: the Langevin corrector's signal-to-noise ratio")
+    p.add_argument("--corrector-steps", type=int, default=None, help="pc: Langevin steps per predictor step")
     p.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 to [-1, 1]")
     g = p.add_argument_group("class-conditional models (default: classes drawn uniformly)")
     g.add_argument("--class-label", type=int, action="append", default=None, help="repeatable; cycles")
@@ -86,6 +88,8 @@ def run(args: argparse.Namespace, env: distributed.DistEnv) -> int:
         "steps": args.steps,
         "eta": args.eta,
         "churn": args.churn,
+        "snr": args.snr,
+        "corrector_steps": args.corrector_steps,
         "seed": args.seed,
         "clip_denoised": False if args.no_clip else None,
     }
@@ -108,6 +112,8 @@ def run(args: argparse.Namespace, env: distributed.DistEnv) -> int:
         "seed": s.seed,
         **conditioning.plan(),
     }
+    if s.method == "pc":
+        plan.update(snr=s.snr, corrector_steps=s.corrector_steps)
     out = Path(args.out) if args.out else default_out(loaded, plan)
     store = PartStore(out, len(ranges))
     mine = store.assign(plan, env.rank, env.world_size, lambda v: distributed.broadcast_object(v, env.device))

@@ -116,13 +116,32 @@ def load_samples(path: Path) -> tuple[np.ndarray, Path]:
     return images, npz
 
 
+def _external_rows(ref: Any, meta: dict, net: Any, args: argparse.Namespace) -> Any:
+    """A guided-diffusion batch's images through the network in use: the rows precision/recall and KID compare
+    (its mu/sigma stay the FID statistics). EDM's fid-refs have no images: FID only."""
+    from trainer.evaluation.quality import REFERENCE_SUBSET, Reference, _subset
+
+    images = meta.pop("images", None)
+    if images is None:
+        return ref
+    images = images[np.sort(np.random.default_rng(0).permutation(len(images))[:REFERENCE_SUBSET])]
+    with tqdm(total=len(images), desc=f"reference features ({net.name})", unit="img", dynamic_ncols=True) as bar:
+        feats = net.extract(images, batch_size=args.batch_size, device=args.device, progress=bar.update)
+    return Reference(ref.pool, ref.spatial, _subset(feats.pool, REFERENCE_SUBSET, 0))
+
+
 def quality(args: argparse.Namespace) -> int:
     from trainer.evaluation.features import load_feature_net
-    from trainer.evaluation.quality import compute_all, load_reference
+    from trainer.evaluation.quality import OFFICIAL_INCEPTION, compute_all, load_reference
 
     images, npz = load_samples(Path(args.samples))
     net = load_feature_net(args.features, args.device)
     ref, ref_meta = load_reference(args.ref, expect_feature_net=net.name)
+    fmt = ref_meta.get("format")
+    if ref_meta.get("assumes"):
+        ref = _external_rows(ref, ref_meta, net, args)
+        used = "the network it assumes" if net.name == OFFICIAL_INCEPTION else f"{net.name}, not the official weights"
+        print(f"reference {args.ref}: {fmt} statistics, computed with {ref_meta['assumes']}; in use: {used}")
     shape = (ref_meta.get("image_size"), ref_meta.get("channels"))
     if None not in shape and shape != (images.shape[1], images.shape[3]):
         print(
@@ -139,6 +158,7 @@ def quality(args: argparse.Namespace) -> int:
         "num_samples": len(images),
         "reference": str(Path(args.ref).resolve()),
         "reference_count": ref_meta.get("count"),
+        "reference_format": fmt,
         "feature_net": net.name,
         **metrics,
         "seconds": time.perf_counter() - t0,
@@ -146,7 +166,10 @@ def quality(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else npz.parent / "quality.json"
     out.write_text(json.dumps(report, indent=1))
     shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"{len(images)} samples vs {ref_meta.get('count')} reference images ({net.name}): {shown} -> {out}")
+    print(
+        f"{len(images)} samples vs {ref_meta.get('count')} reference images ({net.name}, {fmt} reference "
+        f"{args.ref}): {shown} -> {out}"
+    )
     summary = npz.parent / "summary.json"  # written by trainer/sample.py: which run the samples came from
     if not args.no_mlflow and summary.is_file():
         run = json.loads(summary.read_text())

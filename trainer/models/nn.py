@@ -48,8 +48,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     if t.ndim != 1:
         raise ValueError(f"timesteps must be a 1-D tensor, got shape {tuple(t.shape)}")
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponent)
+    # (−log P · i)/half in this order, as improved-diffusion computes it: (i/half) first differs by an ulp,
+    # which at t ~ 1000 moves the sinusoid of an imported checkpoint by ~1e-5.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.to(torch.float32)[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:

@@ -180,6 +180,8 @@ class UNet(nn.Module):
         attention_resolutions: Sequence[int] = (16, 8),
         num_heads: int = 4,
         num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        timestep_scale: float = 1.0,
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
         resblock_updown: bool = False,
@@ -201,6 +203,14 @@ class UNet(nn.Module):
             num_head_channels,
             norm_groups,
         )
+        if num_heads_upsample > 0:
+            up_levels = {resolutions.index(r) for r in attention_resolutions}
+            for level in sorted(up_levels):
+                if (channels * channel_mult[level]) % num_heads_upsample:
+                    raise ValueError(
+                        f"model.num_heads_upsample: {num_heads_upsample} heads do not divide the "
+                        f"{channels * channel_mult[level]} channels at resolution {resolutions[level]}"
+                    )
         if num_classes is not None and num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
 
@@ -211,6 +221,9 @@ class UNet(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.channels_last = channels_last
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        # 1000/T for models trained with improved-diffusion's rescale_timesteps: the embedding sees t·1000/T,
+        # computed in float32 as there ((float) t · (1000/T)).
+        self.timestep_scale = float(timestep_scale)
 
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedding(channels, emb_dim)
@@ -220,7 +233,9 @@ class UNet(nn.Module):
         def res(cin: int, cout: int, **kw: bool) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, dropout, use_scale_shift_norm, norm_groups, **kw)
 
-        def attn(ch: int) -> AttentionBlock:
+        def attn(ch: int, up: bool = False) -> AttentionBlock:
+            if up and num_heads_upsample > 0:
+                return AttentionBlock(ch, num_heads_upsample, norm_groups)
             heads = ch // num_head_channels if num_head_channels > 0 else num_heads
             return AttentionBlock(ch, heads, norm_groups)
 
@@ -249,7 +264,7 @@ class UNet(nn.Module):
                 layers = [res(ch + skip_channels.pop(), channels * mult)]
                 ch = channels * mult
                 if resolutions[level] in attn_at:
-                    layers.append(attn(ch))
+                    layers.append(attn(ch, up=True))
                 if level != 0 and i == num_res_blocks:
                     layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, use_conv=True))
                 self.output_blocks.append(TimestepSequential(*layers))
@@ -269,7 +284,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(x, t, y)
-        emb = self.time_embed(t)
+        emb = self.time_embed(t.float() * self.timestep_scale if self.timestep_scale != 1.0 else t)
         if self.class_embed is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
@@ -356,8 +371,13 @@ def build_unet(
     in_channels: int,
     learn_sigma: bool,
     num_classes: int | None = None,
+    diffusion_steps: int | None = None,
 ) -> UNet:
-    """Build the UNet described by ``cfg`` (``num_classes`` is used only when ``cfg.class_cond``)."""
+    """Build the UNet described by ``cfg`` (``num_classes`` is used only when ``cfg.class_cond``;
+    ``diffusion_steps`` T only with ``cfg.rescale_timesteps``, which feeds the network t·1000/T)."""
+    if cfg.rescale_timesteps and diffusion_steps is None:
+        raise ValueError("model.rescale_timesteps needs the number of diffusion steps T")
+    scale = 1000.0 / diffusion_steps if cfg.rescale_timesteps and diffusion_steps else 1.0
     if cfg.class_cond and num_classes is None:
         raise ValueError("model.class_cond is true but the dataset gives no num_classes")
     return UNet(
@@ -370,6 +390,8 @@ def build_unet(
         attention_resolutions=cfg.attention_resolutions,
         num_heads=cfg.num_heads,
         num_head_channels=cfg.num_head_channels,
+        num_heads_upsample=cfg.num_heads_upsample,
+        timestep_scale=scale,
         dropout=cfg.dropout,
         use_scale_shift_norm=cfg.use_scale_shift_norm,
         resblock_updown=cfg.resblock_updown,
@@ -383,7 +405,14 @@ def build_unet(
 def build_model(cfg: Config, image_size: int, channels: int, num_classes: int | None = None) -> UNet:
     """The UNet of a run's config: its ``model`` section, with the output channels its diffusion needs
     (``cfg.diffusion.learn_sigma``). Every part of the project builds a run's model through here."""
-    return build_unet(cfg.model, image_size, channels, learn_sigma=cfg.diffusion.learn_sigma, num_classes=num_classes)
+    return build_unet(
+        cfg.model,
+        image_size,
+        channels,
+        learn_sigma=cfg.diffusion.learn_sigma,
+        num_classes=num_classes,
+        diffusion_steps=cfg.diffusion.steps,
+    )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
