@@ -3,7 +3,6 @@ line that says a write failed, where, and how much room it wanted. A leaf module
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from pathlib import Path
@@ -56,13 +55,23 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n:,} bytes"
 
 
-def is_out_of_space(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: torch.save's zip writer turns a full disk into ``RuntimeError: [enforce fail
+    at inline_container.cc:672] unexpected pos ...``, raised while handling the ``OSError`` it hit."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def describe(err: BaseException) -> str:
     """One line for a failed write: ``OSError: [Errno 28] No space left on device`` (the file name left out:
-    the caller names the directory)."""
+    the caller names the directory), also when the library raised something else on top of it."""
+    err = _os_error(err) or err
     if isinstance(err, OSError) and err.errno is not None:
         return f"{type(err).__name__}: [Errno {err.errno}] {err.strerror or os.strerror(err.errno)}"
     text = " ".join(str(err).split())

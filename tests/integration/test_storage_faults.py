@@ -152,7 +152,7 @@ def test_room_for_one_checkpoint_not_two(
         ckpts = out / "checkpoints"
         (warning,) = warnings
         assert warning.startswith(f"warning: checkpoint {ckpts / 'step_00000016'} not saved (rank "), warning
-        assert "[Errno 28] No space left on device" in warning and "bytes free on" in warning
+        assert "[Errno 28] No space left on device" in warning and "MB) free on " in warning
         assert "latest is still step_00000008" in warning and "training goes on" in warning
         assert error.startswith(f"error: checkpoint {ckpts / FINAL} not saved"), error
         assert "latest is still step_00000008" in error and "stopping (exit 5)" in error
