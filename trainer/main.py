@@ -120,7 +120,7 @@ class Trainer:
             if self.stopping:
                 say(self.env.is_main, f"stop signal received at step {st.step}: saving and exiting for requeue")
                 if self.saver.last_saved != st.step:
-                    self.saver.save()
+                    self.saver.save(final=True)
                 self.saver.settle(final=True)  # the checkpoint is complete before the process exits
                 return preemption.EXIT_PREEMPTED
         if st.step == total:
@@ -158,7 +158,7 @@ class Trainer:
         if due.log:
             self.log.write(tracker)
         if due.save:
-            self.saver.save()
+            self.saver.save(final=due.end)
         if due.plot:
             self.pictures.importance(step, tracker)
         if due.grid:
@@ -173,7 +173,7 @@ class Trainer:
     def _end_of_run(self) -> None:
         tracker = self.identity.tracker
         if self.saver.last_saved != self.state.step:
-            self.saver.save()
+            self.saver.save(final=True)
         if self.cadence.importance:
             self.pictures.importance(self.state.step, tracker)
         self.pictures.curves(self.state.curves, tracker)

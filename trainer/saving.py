@@ -93,11 +93,12 @@ class Saver:
         local = all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
         return not distributed.any_rank(not local, self.env.device)
 
-    def save(self) -> Path | None:
+    def save(self, final: bool = False) -> Path | None:
         """Start a checkpoint of the current step (collective); None when the weights are not finite (then
         nothing is written). Asynchronous (``train.async_checkpoint``): returns once the state is copied to host
         memory; the files follow in the background. Settles the save before it first (at most one in flight),
-        which raises :class:`StorageError` when the failure policy says stop."""
+        which raises :class:`StorageError` when the failure policy says stop. ``final``: no checkpoint step
+        follows this one (see :meth:`settle`)."""
         st, env = self.state, self.env
         self.step.quiesce()  # the history exchange in flight becomes part of the state (collective)
         self.settle()
@@ -119,7 +120,7 @@ class Saver:
         self.identity.record()
         self.last_saved = st.step
         if not background:
-            self.settle()
+            self.settle(final=final)
         return job.tag_dir
 
     def export(self, sink: SaveJob, path: Path) -> None:
@@ -195,7 +196,11 @@ class Saver:
             return
         params = list(self.engine.module.parameters())
         param_bytes = params[0].element_size() if params else 4
-        separate = bool(self.engine.zero_optimization() or self.engine.bfloat16_enabled())
+        stage, bf16 = (
+            getattr(self.engine, "zero_optimization_stage", int)(),
+            getattr(self.engine, "bfloat16_enabled", bool)(),
+        )
+        separate = bool(stage or bf16)  # the optimizer keeps float32 masters apart from the module's weights
         each = estimate_checkpoint_bytes(n_params, param_bytes, separate, len(self.ema.rates))
         existing = len(self.ckpt.complete_tags())
         how = "estimated from the model and optimizer"

@@ -137,6 +137,7 @@ def _check_failed_run(ranks: list[subprocess.CompletedProcess[str]], warnings: i
     found = [ln for ln in ranks[0].stdout.splitlines() if ln.startswith("warning: checkpoint")]
     assert len(found) == warnings, found
     assert not [ln for ln in ranks[1].stdout.splitlines() if ln.startswith("warning: checkpoint")]
+    print(*found, error, sep="\n")  # what the user sees (pytest -rP shows it)
     return found, error
 
 
