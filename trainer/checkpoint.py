@@ -5,27 +5,30 @@ Every part of a run that has state implements the state protocol (:mod:`trainer.
 ``CheckpointManager(states=...)`` does. Two scopes:
 
 - ``shared``: identical on every rank (step counters, curves, the timestep history); rank 0 writes them.
-- ``per_rank``: each rank its own (EMA shards under ZeRO-3, RNG streams, data-stream position, the
+- ``per_rank``: each rank its own (its part of the EMA, RNG streams, data-stream position, the
   metric window); every rank writes its own file. Restored in the order given, so put the RNG last.
 
 A per-rank part that can continue at another world size implements
 ``load_state_dict_resharded(states)``, receiving the states every old rank saved, in rank order; a
 part that cannot makes an elastic resume stop with one line naming it. The DeepSpeed engine (model,
-optimizer, LR schedule) is a part of its own kind (:class:`EnginePart`: DeepSpeed writes its files into
+optimizer, LR schedule) is a part of its own kind (:class:`EnginePart`: DeepSpeed produces its files for
 the checkpoint directory); :class:`trainer.elastic.EngineCheckpoint` is it, and loads at any world size.
 
 Layout under ``<output_dir>/checkpoints``::
 
     step_00001000/            DeepSpeed's files (model, optimizer, LR scheduler; ZeRO shards)
         trainer/common.pt     the shared states (rank 0)
-        trainer/rank_<r>.pt   this rank's states
-        export.pt             inference weights (trainer/export.py; written before COMPLETE)
+        trainer/rank_<r>.pt   this rank's states (its slice of the EMA, data position, RNG, ...)
+        export.pt             inference weights (trainer/export.py; rank 0)
+        .done_rank<r>         rank r > 0 has its files on disk (empty; .failed_rank<r> if it could not)
         COMPLETE              written last, by rank 0, after every rank finished: {"step", "world_size"}
     latest                    name of the newest complete checkpoint, replaced atomically
 
-A crash mid-save leaves a directory without ``COMPLETE`` that ``latest`` never points to; the next
-save removes it. Our own files hold only tensors and plain values and are read with
-``weights_only=True``.
+A save is a snapshot (:meth:`CheckpointManager.begin`, collective) whose files a
+:class:`trainer.ckpt_writer.Writer` writes at once or in the background; rank 0 finalizes it (``COMPLETE``,
+``latest``, pruning) once every rank's files are on disk, or removes it when a rank failed. A crash mid-save
+leaves a directory without ``COMPLETE`` that ``latest`` never points to; the next start removes it. Our own
+files hold only tensors and plain values and are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
