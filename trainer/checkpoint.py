@@ -5,27 +5,30 @@ Every part of a run that has state implements the state protocol (:mod:`trainer.
 ``CheckpointManager(states=...)`` does. Two scopes:
 
 - ``shared``: identical on every rank (step counters, curves, the timestep history); rank 0 writes them.
-- ``per_rank``: each rank its own (EMA shards under ZeRO-3, RNG streams, data-stream position, the
+- ``per_rank``: each rank its own (its part of the EMA, RNG streams, data-stream position, the
   metric window); every rank writes its own file. Restored in the order given, so put the RNG last.
 
 A per-rank part that can continue at another world size implements
 ``load_state_dict_resharded(states)``, receiving the states every old rank saved, in rank order; a
 part that cannot makes an elastic resume stop with one line naming it. The DeepSpeed engine (model,
-optimizer, LR schedule) is a part of its own kind (:class:`EnginePart`: DeepSpeed writes its files into
+optimizer, LR schedule) is a part of its own kind (:class:`EnginePart`: DeepSpeed produces its files for
 the checkpoint directory); :class:`trainer.elastic.EngineCheckpoint` is it, and loads at any world size.
 
 Layout under ``<output_dir>/checkpoints``::
 
     step_00001000/            DeepSpeed's files (model, optimizer, LR scheduler; ZeRO shards)
         trainer/common.pt     the shared states (rank 0)
-        trainer/rank_<r>.pt   this rank's states
-        export.pt             inference weights (trainer/export.py; written before COMPLETE)
+        trainer/rank_<r>.pt   this rank's states (its slice of the EMA, data position, RNG, ...)
+        export.pt             inference weights (trainer/export.py; rank 0)
+        .done_rank<r>         rank r > 0 has its files on disk (empty; .failed_rank<r> if it could not)
         COMPLETE              written last, by rank 0, after every rank finished: {"step", "world_size"}
     latest                    name of the newest complete checkpoint, replaced atomically
 
-A crash mid-save leaves a directory without ``COMPLETE`` that ``latest`` never points to; the next
-save removes it. Our own files hold only tensors and plain values and are read with
-``weights_only=True``.
+A save is a snapshot (:meth:`CheckpointManager.begin`, collective) whose files a
+:class:`trainer.ckpt_writer.Writer` writes at once or in the background; rank 0 finalizes it (``COMPLETE``,
+``latest``, pruning) once every rank's files are on disk, or removes it when a rank failed. A crash mid-save
+leaves a directory without ``COMPLETE`` that ``latest`` never points to; the next start removes it. Our own
+files hold only tensors and plain values and are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from typing import Any, Protocol
 
 import torch
 
-from trainer.distributed import DistEnv, barrier
+from trainer.ckpt_writer import SaveJob, Writer
+from trainer.distributed import DistEnv, barrier, broadcast_object, gather_object
 from trainer.state import Reshardable, Stateful
 
 LATEST = "latest"
@@ -53,9 +57,10 @@ class CheckpointError(RuntimeError):
 
 
 class EnginePart(Protocol):
-    """A part whose files a library writes into the checkpoint directory itself (the DeepSpeed engine)."""
+    """A part whose files a library writes into the checkpoint directory itself (the DeepSpeed engine): it
+    hands them to ``sink`` (:class:`trainer.ckpt_writer.SaveJob`) instead of writing them."""
 
-    def save(self, root: Path, tag: str) -> None: ...
+    def save(self, root: Path, tag: str, sink: SaveJob) -> None: ...
 
     def load(self, tag_dir: Path, saved_world_size: int) -> None: ...
 
@@ -73,13 +78,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _fsync_tree(path: Path) -> None:
+    """The directory entries under ``path`` (the files were fsynced as they were written)."""
+    for root, _, _ in os.walk(path):
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class CheckpointManager:
@@ -100,6 +106,16 @@ class CheckpointManager:
         self.engine = engine
         self.shared = dict(shared or {})
         self.per_rank = dict(per_rank or {})
+        self.on_complete: Callable[[SaveJob], None] | None = None
+        """Rank 0, after a checkpoint became complete (on the writer thread when asynchronous)."""
+        self.writer = Writer(
+            env.rank,
+            env.world_size,
+            self._finalize,
+            self._discard,
+            gather_object,
+            lambda value: broadcast_object(value, env.device),
+        )
 
     # ------------------------------------------------------------------ discovery
     def complete_tags(self) -> list[str]:
@@ -136,9 +152,10 @@ class CheckpointManager:
         return path
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, before_complete: Callable[[Path], None] | None = None) -> Path:
-        """Collective: every rank must call it. ``before_complete(tag_dir)`` (also collective) writes
-        anything else that belongs to the checkpoint before it is marked complete."""
+    def begin(self, step: int, background: bool) -> SaveJob:
+        """Collective: the snapshot of every part for a checkpoint at ``step``, handed to a
+        :class:`~trainer.ckpt_writer.SaveJob` (written at once, or by :attr:`writer` in the background once
+        :meth:`Writer.submit` is called). The caller may ``add`` more files (the export) before submitting."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         if self.env.is_main:
@@ -146,24 +163,38 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
             self.root.mkdir(parents=True, exist_ok=True)
         barrier()
+        job = self.writer.new_job(tag_dir, step, background)
+        job.makedirs(tag_dir / "trainer")
         if self.engine is not None:
-            self.engine.save(self.root, tag)
+            self.engine.save(self.root, tag, job)
         own = tag_dir / "trainer"
-        own.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({k: v.state_dict() for k, v in self.per_rank.items()}, own / f"rank_{self.env.rank}.pt")
+        job.add(own / f"rank_{self.env.rank}.pt", {k: v.state_dict() for k, v in self.per_rank.items()})
         if self.env.is_main:
-            atomic_torch_save({k: v.state_dict() for k, v in self.shared.items()}, own / "common.pt")
-        if before_complete is not None:
-            before_complete(tag_dir)
-        os.sync()  # DeepSpeed's files too must be on disk before COMPLETE can be
-        barrier()
-        if self.env.is_main:
-            meta = {"step": step, "world_size": self.env.world_size}
-            atomic_write_text(tag_dir / COMPLETE, json.dumps(meta))
-            atomic_write_text(self.root / LATEST, tag)
-            self._prune(keep=tag)
-        barrier()
-        return tag_dir
+            job.add(own / "common.pt", {k: v.state_dict() for k, v in self.shared.items()})
+        return job
+
+    def _finalize(self, job: SaveJob) -> None:
+        """Rank 0, once every rank's files are on disk: COMPLETE, then ``latest``, then pruning."""
+        _fsync_tree(job.tag_dir)
+        meta = {"step": job.step, "world_size": self.env.world_size}
+        atomic_write_text(job.tag_dir / COMPLETE, json.dumps(meta))
+        atomic_write_text(self.root / LATEST, job.tag_dir.name)
+        self._prune(keep=job.tag_dir.name)
+        if self.on_complete is not None:
+            self.on_complete(job)
+
+    def _discard(self, job: SaveJob) -> None:
+        """Rank 0: a save that failed on some rank leaves nothing behind (its space is what a retry needs)."""
+        shutil.rmtree(job.tag_dir, ignore_errors=True)
+
+    def remove_incomplete(self) -> list[str]:
+        """Rank 0, at start: remove what interrupted saves left (they hold space and are never resumed)."""
+        if not self.root.is_dir():
+            return []
+        gone = [p.name for p in self.root.iterdir() if _TAG.match(p.name) and not (p / COMPLETE).is_file()]
+        for name in gone:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        return gone
 
     def _prune(self, keep: str) -> None:
         complete = self.complete_tags()

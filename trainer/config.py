@@ -251,6 +251,13 @@ class TrainConfig(_Section):
     which the run stops with an error; the newest checkpoint, whose weights are finite, stays latest."""
     ckpt_every: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
+    async_checkpoint: bool = True
+    """Write checkpoints in the background: the loop pays only for a copy of the state into host memory
+    (pinned on CUDA); files, fsync, ``COMPLETE``, ``latest`` and pruning follow on a writer thread, one save
+    at a time. False writes them before training continues."""
+    ckpt_failures_allowed: int = Field(3, ge=0)
+    """Failed checkpoint saves in a row (full disk, quota, I/O error) after which the run stops (exit 5);
+    below it the run warns and retries at the next checkpoint step. A failed final save always stops it."""
     output_dir: str = "runs/default"
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged under the settings derived from this config."""

@@ -319,6 +319,15 @@ def broadcast_object(value: T, device: torch.device, src: int = 0) -> T:
     return obj[0]
 
 
+def gather_object(value: T) -> list[T]:
+    """Every rank's small picklable ``value``, in rank order, on every rank (our own processes: trusted)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out: list[T] = [value] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 
+from trainer.capture import capture_deepspeed_save
 from trainer.checkpoint import CheckpointError
+from trainer.ckpt_writer import SaveJob
 from trainer.distributed import barrier, broadcast_object
 
 UNIVERSAL = "universal"
@@ -151,8 +153,8 @@ class EngineCheckpoint:
     def __init__(self, engine: Any, world_size: int, is_main: bool) -> None:
         self.engine, self.world_size, self.is_main = engine, world_size, is_main
 
-    def save(self, root: Path, tag: str) -> None:
-        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    def save(self, root: Path, tag: str, sink: SaveJob) -> None:
+        capture_deepspeed_save(self.engine, root, tag, sink)
 
     def load(self, tag_dir: Path, saved_world_size: int) -> None:
         load_engine_state(self.engine, tag_dir, saved_world_size, self.world_size, self.is_main)

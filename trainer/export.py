@@ -10,23 +10,21 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import CheckpointError, atomic_torch_save, load_plain
+from trainer.checkpoint import CheckpointError, load_plain
 
 EXPORT_NAME = "export.pt"
 
 
-def export_weights(
-    path: Path,
+def export_state(
     config: dict[str, Any],
     step: int,
     model_state: dict[str, torch.Tensor],
     ema: dict[str, dict],
     meta: dict[str, Any],
-) -> None:
-    """Write a self-contained inference file: resolved config, raw weights, each EMA's weights, and
+) -> dict[str, Any]:
+    """A self-contained inference file's contents: resolved config, raw weights, each EMA's weights, and
     ``meta`` (image size, channels, classes, MLflow run id) so sampling needs nothing else."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({"config": config, "step": step, "model": model_state, "ema": ema, "meta": meta}, path)
+    return {"config": config, "step": step, "model": model_state, "ema": ema, "meta": meta}
 
 
 def load_export(path: str | Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import Config, ConfigError, dump_config, load_config
 from trainer.console import say
 from trainer.data import DataError
+from trainer.saving import EXIT_STORAGE, StorageError
 from trainer.step import Outcome
 from trainer.tracking import resolve_uri, validate_uri
 
@@ -96,6 +97,7 @@ class Trainer:
             f"{self.env.world_size} x {self.env.device.type}, steps {self.state.step}->{self.cfg.train.total_steps}, "
             f"global batch {self.rt.batch.global_batch}",
         )
+        self.saver.check_space(self.parts.n_params)
         self.log.start()  # throughput and ETA count from here
 
     def fit(self, until: int | None = None) -> int:
@@ -118,7 +120,8 @@ class Trainer:
             if self.stopping:
                 say(self.env.is_main, f"stop signal received at step {st.step}: saving and exiting for requeue")
                 if self.saver.last_saved != st.step:
-                    self.saver.save()
+                    self.saver.save(final=True)
+                self.saver.settle(final=True)  # the checkpoint is complete before the process exits
                 return preemption.EXIT_PREEMPTED
         if st.step == total:
             self._end_of_run()
@@ -141,6 +144,7 @@ class Trainer:
             f"({st.bad_streak} in a row, {st.skipped_steps} in total; limit train.max_bad_steps={limit})",
         )
         if st.bad_streak >= limit:
+            self.saver.settle()  # every rank is here (the verdict is agreed): the save in flight completes first
             latest = self.parts.ckpt.latest()
             raise NonFiniteError(
                 f"{st.bad_streak} consecutive optimizer steps had a non-finite loss or gradient (from step "
@@ -154,7 +158,7 @@ class Trainer:
         if due.log:
             self.log.write(tracker)
         if due.save:
-            self.saver.save()
+            self.saver.save(final=due.end)
         if due.plot:
             self.pictures.importance(step, tracker)
         if due.grid:
@@ -169,11 +173,12 @@ class Trainer:
     def _end_of_run(self) -> None:
         tracker = self.identity.tracker
         if self.saver.last_saved != self.state.step:
-            self.saver.save()
+            self.saver.save(final=True)
         if self.cadence.importance:
             self.pictures.importance(self.state.step, tracker)
         self.pictures.curves(self.state.curves, tracker)
         self.pictures.grid(self.state.step, tracker)
+        self.saver.settle(final=True)  # the last checkpoint was written while the pictures were drawn
 
 
 def run(
@@ -198,8 +203,12 @@ def run(
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_STORAGE
     finally:
         if loop is not None:
+            loop.saver.close()  # a save still in flight finishes (or is left incomplete, never half-complete)
             loop.identity.tracker.close(status=status)
         distributed.shutdown()
 

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from trainer import distributed
+from trainer.ckpt_writer import write_file
 from trainer.config import Config
 from trainer.ema import EMA
 from trainer.engine import full_weights
 from trainer.evaluation.inference import generate_grid
 from trainer.images import curves_png
+from trainer.storage import describe, fmt_bytes, free_bytes
 from trainer.timesteps import TimestepSampler
 from trainer.tracking import Tracker
 
@@ -55,12 +57,20 @@ class Pictures:
                 )
             dt = time.perf_counter() - t0
             samples_dir = self.out / "samples"
-            samples_dir.mkdir(exist_ok=True)
             path = samples_dir / f"step_{step:08d}.png"
-            path.write_bytes(png)
-            tracker.log_artifact_file(path, "samples")
             tracker.log_metrics({"sample/seconds_per_image": dt / len(arr)}, step=step)
-            print(f"sample grid ({cfg.sample.method}, steps={cfg.sample.steps or 'all'}): {path}", flush=True)
+            try:
+                samples_dir.mkdir(exist_ok=True)
+                write_file(path, lambda f: f.write(png))
+            except OSError as err:  # a full disk costs the picture, not the run
+                print(
+                    f"warning: sample grid {path} not written ({describe(err)}): it needs {fmt_bytes(len(png))}, "
+                    f"{fmt_bytes(free_bytes(samples_dir))} free; training goes on",
+                    flush=True,
+                )
+            else:
+                tracker.log_artifact_file(path, "samples")
+                print(f"sample grid ({cfg.sample.method}, steps={cfg.sample.steps or 'all'}): {path}", flush=True)
         distributed.barrier()
 
     def importance(self, step: int, tracker: Tracker) -> None:

@@ -3,7 +3,8 @@
     HOLD_AT=24 torchrun ... tests/integration/hold_at.py --config ... <trainer args>
 
 After the work of step HOLD_AT (which must be due for something, a log step say, so the loop settles it at
-once) every rank waits for its tracked points to be delivered, meets the others at a barrier, and rank 0
+once) every rank waits for its tracked points to be delivered and its background checkpoint to be complete,
+meets the others at a barrier, and rank 0
 prints ``held at step N``. Then each rank waits until the scheduler's stop signal reaches it (the run then
 stops at the next step, as under SLURM) or it is killed. A test acts on that line: it never races the clock.
 """
@@ -27,6 +28,7 @@ def hold(loop: trainer_main.Trainer, step: int) -> None:
     if step != HOLD_AT:
         return
     loop.identity.tracker.flush(timeout_s=120)
+    loop.saver.settle()  # a checkpoint still being written in the background is complete before the test acts
     distributed.barrier()  # every rank is here: nothing more is trained before the test acts
     if loop.env.is_main:
         print(f"held at step {step}", flush=True)

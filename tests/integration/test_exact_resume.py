@@ -163,14 +163,19 @@ def _interrupt(args: list[str], sig: signal.Signals) -> str:
 
 
 @pytest.mark.parametrize(
-    ("zero", "workers", "precision", "stop", "log_every"),
+    ("zero", "workers", "precision", "stop", "log_every", "background"),
     [
-        (0, 0, "fp32", signal.SIGUSR2, 3),
-        (0, 2, "fp32", signal.SIGKILL, 1),
-        (2, 0, "fp32", signal.SIGKILL, 3),
-        (2, 2, "bf16", signal.SIGUSR2, 1),
+        (0, 0, "fp32", signal.SIGUSR2, 3, False),
+        (0, 2, "fp32", signal.SIGKILL, 1, True),
+        (2, 0, "fp32", signal.SIGKILL, 3, True),
+        (2, 2, "bf16", signal.SIGUSR2, 1, True),
     ],
-    ids=["zero0-w0-fp32-stop-deferred", "zero0-w2-fp32-kill9", "zero2-w0-fp32-kill9-deferred", "zero2-w2-bf16-stop"],
+    ids=[
+        "zero0-w0-fp32-stop-deferred-syncsave",
+        "zero0-w2-fp32-kill9",
+        "zero2-w0-fp32-kill9-deferred",
+        "zero2-w2-bf16-stop",
+    ],
 )
 def test_resume_is_bitwise_exact(
     digits_shards: Path,
@@ -180,10 +185,12 @@ def test_resume_is_bitwise_exact(
     precision: str,
     stop: signal.Signals,
     log_every: int,
+    background: bool,
 ) -> None:
     """N steps straight == interrupted after N/2 (kill -9 between checkpoints, or the scheduler's stop
     signal) + ``--resume auto`` to N, compared bit for bit. With ``log_every=3`` most steps' verdicts
-    (non-finite? stop?) are read a step late, as on a GPU; with 1 every step is settled at once."""
+    (non-finite? stop?) are read a step late, as on a GPU; with 1 every step is settled at once. Checkpoints
+    are written in the background (``train.async_checkpoint``, the default) except in the ``syncsave`` case."""
     total = 40
     common = [
         *BASE,
@@ -194,6 +201,7 @@ def test_resume_is_bitwise_exact(
         f"train.total_steps={total}",
         "train.ckpt_every=16",
         f"train.log_every={log_every}",
+        f"train.async_checkpoint={str(background).lower()}",
     ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     uri_a, uri_b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from trainer.storage import describe, fmt_bytes, free_bytes
+
 PLAN_NAME = "plan.json"
 
 
@@ -112,15 +114,25 @@ class PartStore:
     def write(self, index: int, **arrays: np.ndarray) -> Path:
         """Write part ``index`` atomically: a kill leaves either no file or the whole one."""
         target = self.path(index)
-        fd, tmp = tempfile.mkstemp(dir=self.parts_dir, prefix=f".part_{index:06d}.", suffix=".npz")
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.parts_dir, prefix=f".part_{index:06d}.", suffix=".npz")
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+        except OSError as err:  # a full disk or a quota: one line, the parts written so far are kept
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            need = sum(a.nbytes for a in arrays.values())
+            raise PartsError(
+                f"{target}: not written ({describe(err)}): it needs about {fmt_bytes(need)}, "
+                f"{fmt_bytes(free_bytes(self.parts_dir))} free; free space and rerun the same command to continue"
+            ) from None
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             raise
         return target
 
