@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from data_prep.manifest import ManifestError
 from trainer import distributed, preemption, runtime
@@ -30,7 +31,8 @@ from trainer.config import Config, ConfigError, dump_config, load_config
 from trainer.console import say
 from trainer.data import DataError
 from trainer.step import Outcome
-from trainer.tracking import resolve_uri, validate_uri
+from trainer.tracking import Tracker, resolve_uri, validate_uri
+from trainer.watchdog import Watchdog
 
 USER_ERRORS = (ConfigError, CheckpointError, ManifestError, DataError, distributed.LauncherError)
 """Problems with what the user gave us: reported as one line, exit status 2."""
@@ -74,6 +76,9 @@ class Trainer:
         self.state, self.stream, self.step, self.cadence = parts.state, parts.stream, parts.step, parts.cadence
         self.saver, self.identity, self.pictures, self.log = parts.saver, parts.identity, parts.pictures, parts.log
         self.stopping = False
+        self.watchdog = Watchdog(
+            cfg.train.hang_timeout_min * 60, env.rank, env.world_size, parts.identity.out / "hangs"
+        )
 
     def resume(self, resume: str | None) -> None:
         """Continue the checkpoint ``--resume`` names (if any) and its MLflow run, or start both afresh."""
@@ -120,8 +125,10 @@ class Trainer:
                 if self.saver.last_saved != st.step:
                     self.saver.save()
                 return preemption.EXIT_PREEMPTED
+            self.watchdog.beat(st.step + int(self.step.in_flight))  # this rank finished the step it launched
         if st.step == total:
-            self._end_of_run()
+            with self.watchdog.paused():
+                self._end_of_run()
         return 0
 
     def _account(self, outcome: Outcome) -> None:
@@ -157,12 +164,13 @@ class Trainer:
             self.saver.save()
         if due.plot:
             self.pictures.importance(step, tracker)
-        if due.grid:
-            self.pictures.grid(step, tracker)
-        if due.eval and self.parts.evaluator is not None:
-            t0 = time.perf_counter()
-            self.parts.evaluator.run(step, self.parts.ema, tracker)  # collective; after the save (it can be slow)
-            self.log.exclude(time.perf_counter() - t0)  # train/steps_per_s measures training alone
+        with self.watchdog.paused():  # sampling and evaluation can take far longer than a step
+            if due.grid:
+                self.pictures.grid(step, tracker)
+            if due.eval and self.parts.evaluator is not None:
+                t0 = time.perf_counter()
+                self.parts.evaluator.run(step, self.parts.ema, tracker)  # collective; after the save (it can be slow)
+                self.log.exclude(time.perf_counter() - t0)  # train/steps_per_s measures training alone
         if self.after_step is not None:
             self.after_step(self, step)
 
@@ -192,6 +200,7 @@ def run(
     try:
         loop = Trainer(cfg, env, builders, after_step)
         loop.resume(resume)
+        loop.watchdog.start(distributed.store(), on_hang=_fail_run(loop.identity.tracker))
         code = loop.fit()
         status = "FINISHED" if code == 0 else "KILLED"
         return code
@@ -200,8 +209,20 @@ def run(
         return EXIT_NONFINITE
     finally:
         if loop is not None:
+            loop.watchdog.stop()
             loop.identity.tracker.close(status=status)
         distributed.shutdown()
+
+
+def _fail_run(tracker: Tracker) -> Callable[[Path], None]:
+    """What rank 0 does for a hang before the process exits: the dumps go to the MLflow run, which ends FAILED."""
+
+    def report(where: Path) -> None:
+        for f in sorted(where.iterdir()):
+            tracker.log_artifact_file(f, f"hangs/{where.name}")
+        tracker.close(status="FAILED")
+
+    return report
 
 
 def main(argv: list[str] | None = None, **hooks: object) -> int:
