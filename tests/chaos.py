@@ -473,12 +473,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlflow-server", action="store_true", help="track to a real mlflow server, and kill it")
+    p.add_argument("--kinds", default=",".join(KINDS), help="fault kinds to draw from (default: %(default)s)")
     p.add_argument("--work", type=Path, default=None, help="working directory (default: a new temporary one)")
     p.add_argument("--report", type=Path, default=None, help="write the report here as JSON")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
     print(f"chaos run in {work}: {args.faults} faults over {args.steps} steps, seed {args.seed}", flush=True)
-    report = run_chaos(work, build_shards(work), args.steps, args.faults, args.seed, args.mlflow_server)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        print(f"error: --kinds: unknown {', '.join(unknown)} (known: {', '.join(KINDS)})", file=sys.stderr)
+        return 2
+    report = run_chaos(work, build_shards(work), args.steps, args.faults, args.seed, args.mlflow_server, kinds)
     print(report.table())
     if args.report is not None:
         args.report.write_text(json.dumps(asdict(report), indent=2, default=str))
