@@ -267,6 +267,11 @@ class TrainConfig(_Section):
     """Minutes a collective may wait for its peers before it raises (NCCL and gloo). A dead or stuck rank
     then ends the job instead of holding the allocation until its time limit. It must exceed the longest
     legitimate wait at a collective: rank 0 writing or converting a checkpoint, a slow first step."""
+    hang_timeout_min: float = Field(10.0, ge=0)
+    """Minutes a rank may go without finishing a step before the hang watchdog (``trainer/watchdog.py``)
+    dumps every rank's stacks to ``<output_dir>/hangs/<time>/`` and fails the run (exit 4); fractions allowed,
+    0 turns it off. Must be below ``collective_timeout_min``, or the collective timeout fires first and
+    says nothing about which rank hung. Armed at the first finished step; paused during evaluation and grids."""
 
     @field_validator("ema_rates")
     @classmethod
@@ -279,6 +284,15 @@ class TrainConfig(_Section):
     @classmethod
     def _eval_steps_as_text(cls, v: Any) -> Any:
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _hang_timeout_below_collective_timeout(self) -> TrainConfig:
+        if self.hang_timeout_min >= self.collective_timeout_min:
+            raise ValueError(
+                f"hang_timeout_min {self.hang_timeout_min:g} must be below collective_timeout_min "
+                f"{self.collective_timeout_min:g} (else the collective timeout ends a hung run undiagnosed)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fid_needs_features_and_reference(self) -> TrainConfig:

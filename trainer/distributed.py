@@ -238,6 +238,9 @@ def init_distributed(timeout_min: float = 30.0) -> DistEnv:
         # (tear down without ncclCommAbort, which can itself hang); set explicitly so no torch build or
         # inherited 0 silently turns it off.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        # NCCL's flight recorder: each rank keeps its last collectives in a ring buffer, which the hang
+        # watchdog (trainer/watchdog.py) dumps next to the Python stacks. Read when the group is made.
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(NCCL_TRACE_ENTRIES))
     else:
         device = torch.device("cpu")
         _limit_cpu_threads(local_world)
@@ -254,6 +257,19 @@ def init_distributed(timeout_min: float = 30.0) -> DistEnv:
             flush=True,
         )
     return DistEnv(rank, local_rank, world, local_world, device, choice.backend)
+
+
+NCCL_TRACE_ENTRIES = 2000
+"""Collectives NCCL's flight recorder keeps per rank (TORCH_NCCL_TRACE_BUFFER_SIZE), unless the user set it."""
+
+
+def store() -> dist.Store | None:
+    """The process group's key-value store (the rendezvous TCPStore every rank already reaches), or None
+    before :func:`init_distributed`. The hang watchdog publishes each rank's progress there: it needs no
+    collective, so it works while the ranks are stuck in one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.distributed_c10d._get_default_store()
 
 
 def restart_count() -> int:

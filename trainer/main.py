@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from data_prep.manifest import ManifestError
 from trainer import distributed, preemption, runtime
@@ -31,7 +32,8 @@ from trainer.console import say
 from trainer.data import DataError
 from trainer.saving import EXIT_STORAGE, StorageError
 from trainer.step import Outcome
-from trainer.tracking import resolve_uri, validate_uri
+from trainer.tracking import Tracker, resolve_uri, validate_uri
+from trainer.watchdog import Watchdog
 
 USER_ERRORS = (ConfigError, CheckpointError, ManifestError, DataError, distributed.LauncherError)
 """Problems with what the user gave us: reported as one line, exit status 2."""
@@ -75,6 +77,9 @@ class Trainer:
         self.state, self.stream, self.step, self.cadence = parts.state, parts.stream, parts.step, parts.cadence
         self.saver, self.identity, self.pictures, self.log = parts.saver, parts.identity, parts.pictures, parts.log
         self.stopping = False
+        self.watchdog = Watchdog(
+            cfg.train.hang_timeout_min * 60, env.rank, env.world_size, parts.identity.out / "hangs"
+        )
 
     def resume(self, resume: str | None) -> None:
         """Continue the checkpoint ``--resume`` names (if any) and its MLflow run, or start both afresh."""
@@ -123,8 +128,10 @@ class Trainer:
                     self.saver.save(final=True)
                 self.saver.settle(final=True)  # the checkpoint is complete before the process exits
                 return preemption.EXIT_PREEMPTED
+            self.watchdog.beat(st.step + int(self.step.in_flight))  # this rank finished the step it launched
         if st.step == total:
-            self._end_of_run()
+            with self.watchdog.paused():
+                self._end_of_run()
         return 0
 
     def _account(self, outcome: Outcome) -> None:
@@ -161,12 +168,13 @@ class Trainer:
             self.saver.save(final=due.end)
         if due.plot:
             self.pictures.importance(step, tracker)
-        if due.grid:
-            self.pictures.grid(step, tracker)
-        if due.eval and self.parts.evaluator is not None:
-            t0 = time.perf_counter()
-            self.parts.evaluator.run(step, self.parts.ema, tracker)  # collective; after the save (it can be slow)
-            self.log.exclude(time.perf_counter() - t0)  # train/steps_per_s measures training alone
+        with self.watchdog.paused():  # sampling and evaluation can take far longer than a step
+            if due.grid:
+                self.pictures.grid(step, tracker)
+            if due.eval and self.parts.evaluator is not None:
+                t0 = time.perf_counter()
+                self.parts.evaluator.run(step, self.parts.ema, tracker)  # collective; after the save (it can be slow)
+                self.log.exclude(time.perf_counter() - t0)  # train/steps_per_s measures training alone
         if self.after_step is not None:
             self.after_step(self, step)
 
@@ -197,6 +205,7 @@ def run(
     try:
         loop = Trainer(cfg, env, builders, after_step)
         loop.resume(resume)
+        loop.watchdog.start(distributed.store(), on_hang=_fail_run(loop.identity.tracker))
         code = loop.fit()
         status = "FINISHED" if code == 0 else "KILLED"
         return code
@@ -208,9 +217,21 @@ def run(
         return EXIT_STORAGE
     finally:
         if loop is not None:
+            loop.watchdog.stop()  # before waiting on a save: a long background write is not a hang
             loop.saver.close()  # a save still in flight finishes (or is left incomplete, never half-complete)
             loop.identity.tracker.close(status=status)
         distributed.shutdown()
+
+
+def _fail_run(tracker: Tracker) -> Callable[[Path], None]:
+    """What rank 0 does for a hang before the process exits: the dumps go to the MLflow run, which ends FAILED."""
+
+    def report(where: Path) -> None:
+        for f in sorted(where.iterdir()):
+            tracker.log_artifact_file(f, f"hangs/{where.name}")
+        tracker.close(status="FAILED")
+
+    return report
 
 
 def main(argv: list[str] | None = None, **hooks: object) -> int:
