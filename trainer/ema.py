@@ -42,12 +42,17 @@ class EMA:
         reading the verdict (the weights are then unchanged and finite: θ_ema + 0·(θ − θ_ema) = θ_ema)."""
         current = [self._local(p).float() for p in self._params]
         for rate, shadow in self.shadows.items():
-            if keep is None:
+            weight = self._step_weight(rate, keep)
+            if weight is None:
                 torch._foreach_lerp_(shadow, current, 1.0 - rate)
                 continue
             # The list form takes the weight as a tensor: the scalar form would read a 0-d tensor on the host.
-            weight = keep * (1.0 - rate)
             torch._foreach_lerp_(shadow, current, [weight] * len(shadow))
+
+    def _step_weight(self, rate: float, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """The lerp weight of this step for the shadow keyed ``rate`` as a device tensor, or None for the
+        constant 1 - rate. A hook: the power-function EMA (trainer/phema) varies it with the step."""
+        return None if keep is None else keep * (1.0 - rate)
 
     # -- persistence (each rank saves its own shadows; identical across ranks below ZeRO-3)
     def state_dict(self) -> dict[str, object]:

@@ -155,6 +155,8 @@ class Trainer:
             self.log.write(tracker)
         if due.save:
             self.saver.save()
+        if due.snapshot and self.parts.snapshots is not None:
+            self.parts.snapshots.write(step, self.state.samples_seen)
         if due.plot:
             self.pictures.importance(step, tracker)
         if due.grid:
