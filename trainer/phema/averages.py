@@ -44,6 +44,10 @@ class PowerEMA(EMA):
         """Kept steps averaged so far (reads the device counter: call at a settled step)."""
         return int(self.t.item())
 
+    def full_shapes(self) -> dict[str, list[int]]:
+        """Each parameter's full shape (under ZeRO-3 a rank holds a flat, padded slice of it)."""
+        return {n: list(p.ds_shape if self.zero3 else p.shape) for n, p in zip(self.names, self._params, strict=True)}
+
     # -- persistence: the EMA's, plus the profile clock
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "t": self.t.detach().cpu().clone()}

@@ -3,9 +3,9 @@
 Layout::
 
     phema/
-        snap_00001000/rank_<r>.pt   each rank's shadows of every profile (PowerEMA.state_dict): under ZeRO-3
-                                    every rank writes its own shard; otherwise the shadows are replicated
-                                    and rank 0 alone writes them
+        snap_00001000/rank_<r>.pt   each rank's shadows of every profile (PowerEMA.state_dict, plus the step
+                                    and every parameter's full shape): under ZeRO-3 every rank writes its own
+                                    shard; otherwise the shadows are replicated and rank 0 alone writes them
         index.json                  {"snapshots": [{"step", "images", "t", "sigma_rels", "world_size",
                                     "zero3", "dir", "files"}, ...]}, oldest first
 
@@ -96,7 +96,8 @@ class SnapshotWriter:
         barrier()
         t = self.phema.steps()
         if self._writes():
-            atomic_torch_save(self.phema.state_dict(), tag_dir / f"rank_{self.env.rank}.pt")
+            payload = {**self.phema.state_dict(), "step": step, "shapes": self.phema.full_shapes()}
+            atomic_torch_save(payload, tag_dir / f"rank_{self.env.rank}.pt")
         os.sync()
         barrier()
         if self.env.is_main:
