@@ -172,3 +172,19 @@ def test_power_ema_state_round_trip_and_profile_mismatch() -> None:
     c = PowerEMA(module, [0.05], torch.device("cpu"))
     with pytest.raises(ValueError, match="cannot be added to or removed"):
         c.load_state_dict(a.state_dict())
+
+
+def test_config_and_cadence() -> None:
+    from trainer.cadence import Cadence
+    from trainer.config import ConfigError, load_config
+    from trainer.phema import snapshot_interval
+
+    cfg = load_config(None, ["train.total_steps=25"])
+    assert not cfg.train.phema.enabled and cfg.train.phema.sigma_rels == [0.05, 0.10]
+    with pytest.raises(ConfigError, match=r"train\.phema\.sigma_rels: every sigma_rel must lie in \(0, 0\.2887\]"):
+        load_config(None, ["train.phema.sigma_rels=[0.05,0.5]"])
+    assert snapshot_interval(1000, None, 128) == 1000
+    assert snapshot_interval(1000, 64_000, 128) == 500  # an interval in images, in steps of the global batch
+    due = Cadence(cfg, evaluates=False, snapshot_every=10)
+    assert [s for s in range(1, 26) if due.at(s).snapshot] == [10, 20, 25]  # the last step snapshots too
+    assert not any(Cadence(cfg, evaluates=False).at(s).snapshot for s in range(1, 26))
