@@ -169,7 +169,7 @@ def out_dir_for(base: Path, target: Target, step: int) -> Path:
     return base / f"sigma{target.sigma_rel:.4f}_step{step:08d}"
 
 
-def _newest_export(run_dir: Path) -> dict[str, Any]:
+def newest_export(run_dir: Path) -> dict[str, Any]:
     found = sorted((run_dir / "checkpoints").glob(f"step_*/{EXPORT_NAME}"))
     if not found:
         raise SnapshotError(f"{run_dir / 'checkpoints'}: no {EXPORT_NAME} to take the run's config from")
@@ -186,8 +186,8 @@ def reconstruct(
     step: int | None = None,
     out: Path | None = None,
     max_error: float = DEFAULT_MAX_ERROR,
-) -> list[Path]:
-    """Collective: write one export per target; returns their paths (on every rank)."""
+) -> tuple[Plan, list[Path]]:
+    """Collective: write one export per target; returns the plan and the exports' paths (on every rank)."""
     root = run_dir / SNAPSHOT_DIR
     plan = make_plan(root, step, sigma_rels, decays, half_lives, max_error)
     base = out or root / "reconstructed"
@@ -207,7 +207,7 @@ def reconstruct(
     barrier()
     paths = [out_dir_for(base, tg, plan.step) / EXPORT_NAME for tg in plan.targets]
     if env.is_main:
-        run = _newest_export(run_dir)
+        run = newest_export(run_dir)
         try:
             rate = str(config_from_dict(run["config"]).sample_ema_rate)
         except ConfigError as err:
@@ -241,7 +241,7 @@ def reconstruct(
             )
         shutil.rmtree(scratch, ignore_errors=True)
     barrier()
-    return paths
+    return plan, paths
 
 
 ERRORS = (SnapshotError, CheckpointError, ConfigError)
@@ -255,5 +255,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=None, help="snapshot step to reconstruct at (default: the newest)")
     p.add_argument("--out", type=Path, default=None, help="where the exports go (default RUN_DIR/phema/reconstructed)")
     p.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR, help="largest relative profile error")
+    p.add_argument("--eval", nargs="*", default=[], choices=["bpd", "fid"], help="sweep: evaluate every result")
+    p.add_argument("--eval-images", type=int, default=256, help="validation images for the bits/dim estimate")
+    p.add_argument("--eval-timesteps", type=int, default=50, help="timestep strata of the bits/dim estimate")
+    p.add_argument("--features", default=None, help="feature network for --eval fid (as train.eval_features)")
+    p.add_argument("--reference", default=None, help="reference statistics .npz for --eval fid")
+    p.add_argument("--fid-samples", type=int, default=2000, help="samples per model for --eval fid")
+    p.add_argument("--data-root", default=None, help="shards of the validation split (default: the run's)")
     p.add_argument("--timeout-min", dest="timeout_min", type=float, default=30.0, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
