@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import paired  # noqa: E402
 import report  # noqa: E402
 
-SIGMAS = ["0.03", "0.05", "0.10", "0.15", "0.20", "0.25"]
+SIGMAS = ["0.03", "0.05", "0.10", "0.20", "0.25"]
 
 
 def run(cmd: list[str]) -> str:
@@ -76,7 +76,8 @@ def main() -> int:
     p.add_argument("--first", type=int, default=0, help="the seed index of the first of --runs")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--fid-samples", type=int, default=500)
+    p.add_argument("--fid-samples", type=int, default=256)
+    p.add_argument("--fid-steps", default="ddim25")
     p.add_argument("--exact-images", type=int, default=64)
     a = p.parse_args()
     clf, ref, acc = classifier(a.data, a.out / "classifier")
@@ -86,7 +87,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "trainer.phema", "reconstruct", str(run_dir), "--out", str(recon)]
         cmd += ["--sigma-rel", *SIGMAS, "--decay", "0.99", "--max-error", "0.07", "--eval", "bpd", "fid"]
         cmd += ["--features", str(clf), "--reference", str(ref), "--fid-samples", str(a.fid_samples)]
-        cmd += ["--data-root", str(a.data)]
+        cmd += ["--data-root", str(a.data), "--fid-steps", a.fid_steps]
         run(cmd)
         (sweep_dir,) = sorted(recon.glob("sweep_step*"))
         sweep = json.loads((sweep_dir / "sweep.json").read_text())

@@ -20,7 +20,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.eval:  # checked before reconstructing: a bad feature network or data root stops at once
             config = reconstruct.newest_export(a.run_dir)["config"]
             cfg = sweep.sweep_config(
-                config, a.eval, a.data_root, a.eval_images, a.eval_timesteps, a.features, a.reference, a.fid_samples
+                config,
+                a.eval,
+                a.data_root,
+                a.eval_images,
+                a.eval_timesteps,
+                a.features,
+                a.reference,
+                a.fid_samples,
+                a.fid_steps,
             )
         plan, paths = reconstruct.reconstruct(
             env,  # type: ignore[arg-type]

@@ -261,6 +261,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", default=None, help="feature network for --eval fid (as train.eval_features)")
     p.add_argument("--reference", default=None, help="reference statistics .npz for --eval fid")
     p.add_argument("--fid-samples", type=int, default=2000, help="samples per model for --eval fid")
+    p.add_argument("--fid-steps", default=None, help="respacing of the FID samples (default: train.eval_sample_steps)")
     p.add_argument("--data-root", default=None, help="shards of the validation split (default: the run's)")
     p.add_argument("--timeout-min", dest="timeout_min", type=float, default=30.0, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -53,6 +53,7 @@ def sweep_config(
     features: str | None,
     reference: str | None,
     fid_samples: int,
+    fid_steps: str | None = None,
 ) -> Config:
     """The run's config with its periodic evaluation set to what the sweep measures."""
     data = json.loads(json.dumps(config))
@@ -63,6 +64,8 @@ def sweep_config(
         if not (features and reference):
             raise ConfigError("--eval fid needs --features and --reference (trainer/evaluate.py stats makes one)")
         train.update(eval_features=features, eval_reference=reference)
+        if fid_steps is not None:
+            train["eval_sample_steps"] = fid_steps
     if data_root is not None:
         data["data"]["root"] = data_root
     return config_from_dict(data, source="the run's config (sweep)")
