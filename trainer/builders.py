@@ -35,6 +35,8 @@ from trainer.identity import RunIdentity, prepare_output_dir
 from trainer.metrics import LossWindow, TrainingLog
 from trainer.models.unet import build_model, count_parameters, estimate_flops_per_image
 from trainer.per_sample import SampleRandomness
+from trainer.phema import PowerEMA, SnapshotWriter, disk_cost_line, snapshot_interval
+from trainer.phema.snapshots import SNAPSHOT_DIR
 from trainer.pictures import Pictures
 from trainer.runtime import Runtime
 from trainer.saving import Saver
@@ -125,6 +127,8 @@ class Run:
     log: TrainingLog
     evaluator: PeriodicEval | None
     cadence: Cadence
+    phema: PowerEMA | None = None
+    snapshots: SnapshotWriter | None = None
 
 
 def build_run(cfg: Config, rt: Runtime, builders: Builders) -> Run:
@@ -153,6 +157,9 @@ def build_run(cfg: Config, rt: Runtime, builders: Builders) -> Run:
     if getattr(engine, "is_compiled", False):
         say(env.is_main, "train.compile: the UNet is compiled (torch.compile through DeepSpeed's engine.compile)")
     ema = EMA(engine.module, cfg.train.ema_rates)
+    ph = cfg.train.phema
+    phema = PowerEMA(engine.module, ph.sigma_rels, env.device) if ph.enabled else None
+    snap_every = snapshot_interval(ph.every_steps, ph.every_images, rt.batch.global_batch) if ph.enabled else 0
     sampler = sampler_from_config(cfg.diffusion, env.device)
     stream = builders.stream(cfg, rt, manifest)
     window = LossWindow(diffusion.num_timesteps, env.device)
@@ -170,6 +177,7 @@ def build_run(cfg: Config, rt: Runtime, builders: Builders) -> Run:
         label_dropout=cfg.model.label_dropout,
         num_classes=num_classes,
         stop_requested=builders.stop_requested,
+        phema=phema,
     )
     state = TrainState()
     ckpt = CheckpointManager(
@@ -181,12 +189,18 @@ def build_run(cfg: Config, rt: Runtime, builders: Builders) -> Run:
         # The RNG goes last: nothing may draw from it between its restore and the next step.
         per_rank={
             "ema": ema,
+            **({"phema": phema} if phema is not None else {}),
             "data": stream,
             "metrics_window": window,
             "rng": RNGState(lambda: seed_rank_stream(cfg.train.seed, env.rank, state.step)),
         },
     )
     identity = RunIdentity(out, cfg.tracking, state, env, builders.tracker)
+    snapshots = None
+    if phema is not None:
+        snapshots = SnapshotWriter(out / SNAPSHOT_DIR, phema, env, ph.keep)
+        total, batch = cfg.train.total_steps, rt.batch.global_batch
+        say(env.is_main, disk_cost_line(n_params, ph.sigma_rels, snap_every, total, ph.keep, out / SNAPSHOT_DIR, batch))
     meta = {"image_size": manifest.image_size, "channels": manifest.channels, "num_classes": num_classes}
     return Run(
         manifest=manifest,
@@ -208,5 +222,7 @@ def build_run(cfg: Config, rt: Runtime, builders: Builders) -> Run:
             window, stream, sampler, engine, state, rt.batch.global_batch, cfg.train.total_steps, env.is_main
         ),
         evaluator=evaluator,
-        cadence=Cadence(cfg, evaluates=evaluator is not None),
+        cadence=Cadence(cfg, evaluates=evaluator is not None, snapshot_every=snap_every),
+        phema=phema,
+        snapshots=snapshots,
     )

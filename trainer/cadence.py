@@ -25,6 +25,8 @@ class Due:
     """A sample grid (``train.sample_every``; the last step samples one anyway)."""
     eval: bool = False
     """The periodic evaluation (``train.eval_every``; the last step too)."""
+    snapshot: bool = False
+    """A post-hoc EMA snapshot (``train.phema``; the last step too)."""
     end: bool = False
     """The run's last step: what follows is the end-of-run work."""
 
@@ -35,10 +37,12 @@ class Due:
 class Cadence:
     """``at(step)``: what is due after kept step number ``step`` (1-based)."""
 
-    def __init__(self, cfg: Config, evaluates: bool) -> None:
+    def __init__(self, cfg: Config, evaluates: bool, snapshot_every: int = 0) -> None:
         self.train = cfg.train
         self.importance = cfg.diffusion.timestep_sampler != "uniform"
         self.evaluates = evaluates
+        self.snapshot_every = snapshot_every
+        """Steps between post-hoc EMA snapshots; 0: none."""
 
     def at(self, step: int) -> Due:
         tr = self.train
@@ -50,5 +54,6 @@ class Cadence:
             plot=self.importance and step % plot_every == 0,
             grid=bool(tr.sample_every) and step % tr.sample_every == 0 and not end,
             eval=self.evaluates and (step % tr.eval_every == 0 or end),
+            snapshot=bool(self.snapshot_every) and (step % self.snapshot_every == 0 or end),
             end=end,
         )

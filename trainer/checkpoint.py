@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 import torch
 
-from trainer.ckpt_writer import SaveJob, Writer
+from trainer.ckpt_writer import SaveJob, Writer, write_file
 from trainer.distributed import DistEnv, barrier, broadcast_object, gather_object
 from trainer.state import Reshardable, Stateful
 
@@ -76,6 +76,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name, fsync, rename (exports, snapshots, converted checkpoints)."""
+    write_file(path, lambda f: torch.save(obj, f))
 
 
 def _fsync_tree(path: Path) -> None:

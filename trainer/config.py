@@ -190,6 +190,30 @@ class DiffusionConfig(_Section):
         return self
 
 
+class PhemaConfig(_Section):
+    """Post-hoc EMA (Karras et al. 2024, EDM2): power-function EMA profiles tracked during training, with
+    periodic snapshots from which ``python -m trainer.phema reconstruct`` builds the EMA of any length
+    afterwards (``trainer/phema``)."""
+
+    enabled: bool = False
+    sigma_rels: list[float] = Field(default_factory=lambda: [0.05, 0.10], min_length=1)
+    """The tracked profiles, by relative width σ_rel = std/training length (EDM2 eq. 2), in (0, 0.2887]."""
+    every_steps: int = Field(1000, gt=0)
+    """Kept optimizer steps between snapshots (the last step writes one too)."""
+    every_images: int | None = Field(None, gt=0)
+    """When set, the interval in training images instead (rounded to whole steps of the global batch)."""
+    keep: int = Field(0, ge=0)
+    """Newest snapshots kept in ``<output_dir>/phema`` (0: all); never pruned with checkpoints."""
+
+    @field_validator("sigma_rels")
+    @classmethod
+    def _widths_in_range(cls, v: list[float]) -> list[float]:
+        limit = (1.0 / 12.0) ** 0.5
+        if any(not 0.0 < s <= limit for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"every sigma_rel must lie in (0, {limit:.4f}] and be distinct, got {v}")
+        return v
+
+
 class TrainConfig(_Section):
     total_steps: int = Field(500_000, gt=0)
     """Optimizer steps."""
@@ -203,6 +227,8 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0)
     """Global gradient-norm clip; 0 disables it."""
     ema_rates: list[float] = Field(default_factory=lambda: [0.9999])
+    phema: PhemaConfig = Field(default_factory=PhemaConfig)
+    """Post-hoc EMA: power-function profiles and their snapshots (off by default)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """"auto": the DeepSpeed JSON's ``bf16.enabled`` if ``deepspeed_config`` sets it, else bf16 where the
     device computes it natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX) and fp32 elsewhere

@@ -120,12 +120,17 @@ class EMA:
         if not current:
             return
         for rate, shadow in self.shadows.items():
-            if keep is None:
+            weight = self._step_weight(rate, keep)
+            if weight is None:
                 torch._foreach_lerp_(shadow, current, 1.0 - rate)
                 continue
             # The list form takes the weight as a tensor: the scalar form would read a 0-d tensor on the host.
-            weight = keep * (1.0 - rate)
             torch._foreach_lerp_(shadow, current, [weight] * len(shadow))
+
+    def _step_weight(self, rate: float, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """The lerp weight of this step for the shadow keyed ``rate`` as a device tensor, or None for the
+        constant 1 - rate. A hook: the power-function EMA (trainer/phema) varies it with the step."""
+        return None if keep is None else keep * (1.0 - rate)
 
     @torch.no_grad()
     def _restart_from_weights(self, rate: float) -> None:

@@ -166,6 +166,8 @@ class Trainer:
             self.log.write(tracker)
         if due.save:
             self.saver.save(final=due.end)
+        if due.snapshot and self.parts.snapshots is not None:
+            self.parts.snapshots.write(step, self.state.samples_seen)
         if due.plot:
             self.pictures.importance(step, tracker)
         with self.watchdog.paused():  # sampling and evaluation can take far longer than a step

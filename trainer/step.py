@@ -90,7 +90,8 @@ class TrainStep:
     ``history_term``: which per-sample term feeds the timestep history (``diffusion.history_term``);
     ``randomness``: each sample's own random numbers; ``random_flip``: flip half the images left-right;
     ``label_dropout`` / ``num_classes``: classifier-free-guidance training of class-conditional models;
-    ``stop_requested``: polled once per step (the preemption flag)."""
+    ``stop_requested``: polled once per step (the preemption flag); ``phema``: the power-function EMA
+    (post-hoc EMA, ``train.phema``), updated with the EMA."""
 
     def __init__(
         self,
@@ -107,12 +108,14 @@ class TrainStep:
         label_dropout: float = 0.0,
         num_classes: int | None = None,
         stop_requested: Callable[[], bool] = lambda: False,
+        phema: EMA | None = None,
     ) -> None:
         self.engine, self.gate, self.diffusion = engine, gate, diffusion
         self.sampler, self.ema, self.window, self.device = sampler, ema, window, device
         self.history_term, self.label_dropout, self.num_classes = history_term, label_dropout, num_classes
         self.randomness, self.random_flip = randomness, random_flip
         self.stop_requested = stop_requested
+        self.phema = phema  # the power-function EMA (trainer/phema), masked by the verdict like the EMA
         self.call = model_fn(engine)
         # ZeRO-0 without bf16 leaves the gradients in .grad: one fused check after backward; otherwise
         # DeepSpeed moves them into its own buffers during backward, so each is checked as it is produced.
@@ -148,6 +151,8 @@ class TrainStep:
         ds_skipped = getattr(self.engine, "skipped_steps", 0) != skipped_before
         if not ds_skipped:
             self.ema.update(keep=1.0 - found_inf)
+            if self.phema is not None:
+                self.phema.update(keep=1.0 - found_inf)
         self.sampler.start_sync()  # this step's pairs travel during the next step
         self._inflight = _InFlight(distributed.HostCopy(verdict), ds_skipped)
         return earlier

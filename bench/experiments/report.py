@@ -219,6 +219,7 @@ def collect_run(runner: Any, arm: str, seed: int, names: list[str]) -> dict[str,
         rec.update(
             bpd=b["bits_per_dim"], bpd_stderr=b["bits_per_dim_stderr"], bpd_images=b["num_images"], step=b["step"]
         )
+        rec["bpd_per_image"] = b.get("per_image_bpd")  # absent from reports made before it was stored
         vb = np.asarray(b["vb_per_t"])
         T = len(vb)
         rec["bpd_terms"] = {
@@ -485,6 +486,23 @@ def verdicts(part: int, arms: dict[str, dict[str, Any]]) -> tuple[list[str], dic
     return out, facts
 
 
+def paired_bpd(arms: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """Every pair of arms: the paired bits/dim difference with its 95 % interval over images and seeds
+    (bench/experiments/paired.py); a verdict only where the interval excludes zero."""
+    import paired  # a sibling module, on sys.path like this one
+
+    per = {a: {k: r.get("bpd_per_image") for k, r in d["seeds"].items()} for a, d in arms.items()}
+    names = list(arms)
+    facts: dict[str, Any] = {}
+    text = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            iv = paired.paired_difference(per[a], per[b])
+            facts[f"{a} - {b}"] = iv
+            text.append("Paired: " + paired.describe(a, b, iv) + ".")
+    return facts, text
+
+
 def _experiment_arms(runner: Any, part: int, arm_names: list[str], descriptions: dict[str, str]) -> dict[str, Any]:
     names = CURVES.get(part, ["loss", "mse", "vb"])
     arms = {}
@@ -506,6 +524,8 @@ def write_experiment(part: int, runner: Any, arm_names: list[str], descriptions:
         return write_exp5(runner, arm_names, descriptions)
     arms = _experiment_arms(runner, part, arm_names, descriptions)
     lines, facts = verdicts(part, arms)
+    facts["paired"], paired_text = paired_bpd(arms)
+    lines += paired_text
     doc = {
         "experiment": part,
         "title": TITLES[part],

@@ -37,6 +37,10 @@ samples with their quality report. A killed training run continues from its newe
 ``--resume auto``); the sampler and ``evaluate.py`` redo only their unfinished parts. Rerun the same command.
 ``<out>/suite.json`` records the settings; an out directory made with other settings is refused.
 
+Paired verdicts. ``evaluate.py bpd`` stores every image's bits/dim; each ``expN.md`` then states, for every two
+arms, their paired difference with a 95 % interval over images and seeds (``bench/experiments/paired.py``) and a
+verdict only where that interval excludes zero. Reports made before per-image values were stored say so.
+
 Outputs: ``<out>/expN.json`` (per arm and seed: final bits/dim, loss noise, ...; mean and spread over seeds),
 ``<out>/expN_*.png`` (loss curves, bits/dim bars with seed points, steps-vs-quality), ``<out>/expN.md`` (a table
 and the sentence comparing with the paper) and ``<out>/summary.md`` (all of them).

@@ -9,12 +9,15 @@ matrix (weights, masters, moments bit for bit, all stages × precisions) is test
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import TINY_MODEL, run_cmd, torchrun_cmd
+from trainer.phema.profiles import sigma_rel_to_gamma
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +89,58 @@ def test_two_one_two_four_ranks(digits_shards: Path, tmp_path: Path, zero: int) 
         for name in ema0:
             recovered = (ema1[name].double() - (1 - RATE) * theta1[name].double()) / RATE
             assert torch.allclose(recovered, ema0[name].double(), rtol=0, atol=1e-6), name
+
+
+def _snapshot(run: Path, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A post-hoc EMA snapshot's index entry and its full tensors of profile SIGMA (ZeRO-3 slices joined)."""
+    entry = next(e for e in json.loads((run / "phema" / "index.json").read_text())["snapshots"] if e["step"] == step)
+    states = [torch.load(run / "phema" / entry["dir"] / f, weights_only=True) for f in entry["files"]]
+    full = {}
+    for name, shape in states[0]["shapes"].items():
+        flat = torch.cat([s["shadows"][str(SIGMA)][name].reshape(-1) for s in states])
+        full[name] = flat[: math.prod(shape)].view(shape)
+    return entry, full
+
+
+SIGMA = 0.2
+"""A wide profile (γ ≈ 1.2, close to the running mean): far from the latest weights, so a power EMA restarted
+from the resumed weights would be caught."""
+
+
+def test_phema_continues_across_world_sizes(digits_shards: Path, tmp_path: Path) -> None:
+    """ZeRO-3, 2 → 1 → 2 ranks, a snapshot every step: each link's power EMA continues the saved one, its
+    profile clock included (ph' = β_t·ph + (1 − β_t)·θ' with β_t = (1 − 1/t)^(γ+1), t the new step)."""
+    out = tmp_path / "run"
+    common = [
+        *TINY_MODEL,
+        f"data.batch_size={B}",
+        f"data.root={digits_shards}",
+        f"train.output_dir={out}",
+        "tracking.enabled=false",
+        "train.zero_stage=3",
+        "train.precision=fp32",
+        "train.ckpt_every=1",
+        "train.warmup_steps=0",
+        "train.keep_last=5",
+        "train.lr_schedule=constant",  # full steps (cosine over 2-4 steps ends near 0): the wide profile lags
+        "train.phema.enabled=true",
+        "train.phema.every_steps=1",
+        f"train.phema.sigma_rels=[{SIGMA}]",
+    ]
+    chain = [2, 1, 2]
+    _launch(chain[0], [*common, "train.total_steps=2"])
+    gamma = sigma_rel_to_gamma(SIGMA)
+    for i, world in enumerate(chain[1:], start=1):
+        before, after = i + 1, i + 2
+        log = _launch(world, [*common, f"train.total_steps={after}"])
+        assert f"at step {before} (saved by {chain[i - 1]} ranks, now {world})" in log, log[-3000:]
+        entry0, ph0 = _snapshot(out, before)
+        entry1, ph1 = _snapshot(out, after)
+        assert (entry0["t"], entry1["t"], entry1["world_size"]) == (before, after, world)
+        assert len(entry1["files"]) == world  # sharded the way the EMA is: one slice per rank under ZeRO-3
+        theta0, theta1 = _state(out, before)[0]["model"], _state(out, after)[0]["model"]
+        assert max(float((ph0[n] - theta0[n]).abs().max()) for n in ph0) > 1e-4
+        b = (1.0 - 1.0 / after) ** (gamma + 1.0)
+        for name in ph0:
+            recovered = (ph1[name].double() - (1 - b) * theta1[name].double()) / b
+            assert torch.allclose(recovered, ph0[name].double(), rtol=0, atol=1e-5), name

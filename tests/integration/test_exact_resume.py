@@ -162,18 +162,23 @@ def _interrupt(args: list[str], sig: signal.Signals) -> str:
     return "".join(seen)
 
 
+PHEMA = ["train.phema.enabled=true", "train.phema.every_steps=5", "train.phema.sigma_rels=[0.05,0.2]"]
+"""Post-hoc EMA on, a snapshot every 5 steps: snapshots 20 (written, then lost to a kill -9 at 24 and
+re-trained from the checkpoint at 16) and 25..40 must come out the same as the uninterrupted run's."""
+
+
 @pytest.mark.parametrize(
-    ("zero", "workers", "precision", "stop", "log_every", "background"),
+    ("zero", "workers", "precision", "stop", "log_every", "background", "extra"),
     [
-        (0, 0, "fp32", signal.SIGUSR2, 3, False),
-        (0, 2, "fp32", signal.SIGKILL, 1, True),
-        (2, 0, "fp32", signal.SIGKILL, 3, True),
-        (2, 2, "bf16", signal.SIGUSR2, 1, True),
+        (0, 0, "fp32", signal.SIGUSR2, 3, False, []),
+        (0, 2, "fp32", signal.SIGKILL, 1, True, []),
+        (2, 0, "fp32", signal.SIGKILL, 3, True, PHEMA),
+        (2, 2, "bf16", signal.SIGUSR2, 1, True, []),
     ],
     ids=[
         "zero0-w0-fp32-stop-deferred-syncsave",
         "zero0-w2-fp32-kill9",
-        "zero2-w0-fp32-kill9-deferred",
+        "zero2-w0-fp32-kill9-deferred-phema",
         "zero2-w2-bf16-stop",
     ],
 )
@@ -186,6 +191,7 @@ def test_resume_is_bitwise_exact(
     stop: signal.Signals,
     log_every: int,
     background: bool,
+    extra: list[str],
 ) -> None:
     """N steps straight == interrupted after N/2 (kill -9 between checkpoints, or the scheduler's stop
     signal) + ``--resume auto`` to N, compared bit for bit. With ``log_every=3`` most steps' verdicts
@@ -193,6 +199,7 @@ def test_resume_is_bitwise_exact(
     are written in the background (``train.async_checkpoint``, the default) except in the ``syncsave`` case."""
     total = 40
     common = [
+        *extra,
         *BASE,
         f"data.root={digits_shards}",
         f"train.zero_stage={zero}",
@@ -228,6 +235,14 @@ def test_resume_is_bitwise_exact(
         checkpoint_contents(straight / "checkpoints" / tag), checkpoint_contents(split / "checkpoints" / tag)
     )
     assert worst == 0.0
+    if extra:  # the post-hoc EMA is in the checkpoints compared above; its snapshots must agree too
+        snaps = sorted(p.relative_to(straight) for p in (straight / "phema").rglob("*.pt"))
+        assert [str(p.parent.name) for p in snaps] == [f"snap_{s:08d}" for s in range(5, total + 1, 5)]
+        assert snaps == sorted(p.relative_to(split) for p in (split / "phema").rglob("*.pt"))
+        for rel in snaps:
+            assert_identical(checkpoint_contents(straight / rel.parent), checkpoint_contents(split / rel.parent))
+        index_a, index_b = ((d / "phema" / "index.json").read_text() for d in (straight, split))
+        assert index_a == index_b
     a, b = _losses(uri_a), _losses(uri_b)
     assert sorted(a) == sorted(b) == [s for s in range(1, total + 1) if s % log_every == 0 or s == total]
     assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # exact floats, not approx

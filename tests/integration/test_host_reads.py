@@ -45,6 +45,9 @@ def _probe(tmp_path: Path, shards: Path, zero: int, precision: str) -> dict:
             "tracking.enabled=false",
             "diffusion.timestep_sampler=loss-second-moment",
             "diffusion.history_per_term=1",  # importance sampling draws from the history within the run
+            # The post-hoc EMA's update is masked by the verdict on the device too: no read of its own.
+            "train.phema.enabled=true",
+            "train.phema.every_steps=4",
         ],
         cwd=REPO,
         env=child_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),

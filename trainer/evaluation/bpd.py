@@ -179,6 +179,7 @@ def merge_bpd(store: PartStore, plan: dict[str, Any], T: int) -> dict[str, Any]:
         "seed": plan["seed"],
         "bits_per_dim": float(bpd.sum() / n),
         "bits_per_dim_stderr": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+        "per_image_bpd": bpd.tolist(),  # split order: models evaluated with the same seed compare image by image
         "prior_bpd": float(np.concatenate(prior).sum() / n),
         "vb_per_t": (vb_t / n).tolist(),
         "mse_per_t": (mse_t / n).tolist(),
