@@ -11,7 +11,8 @@ inside a known call, never after a sleep:
   ranks wait for it in the step's collective. Only the hang watchdog ends the run.
 - ``kill9``: the rank sends itself SIGKILL after step ``step`` (between checkpoints).
 - ``kill9-save``: the rank sends itself SIGKILL while the checkpoint of step ``step`` is being written
-  (DeepSpeed's files are written, this rank's own state file is not).
+  (in the checkpoint writer, background or not: DeepSpeed's files are written, this rank's own state
+  file is not).
 - ``stop``: every rank gets SIGTERM after step ``step``, the scheduler's stop signal (trainer/preemption.py).
 - ``enospc``: after step ``step - 1`` rank 0 fills the output directory's file system (a file named
   :data:`FILLER` in it), so the checkpoint of step ``step`` finds no space; it removes the filler after step
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist  # noqa: E402
 
-import trainer.checkpoint as checkpoint  # noqa: E402
+import trainer.ckpt_writer as ckpt_writer  # noqa: E402
 import trainer.main as trainer_main  # noqa: E402
 from trainer.step import TrainStep  # noqa: E402
 
@@ -66,7 +67,7 @@ def parse_faults(text: str) -> list[Fault]:
 
 FAULTS = parse_faults(os.environ.get("FAULTS", ""))
 ACK = os.environ.get("FAULT_ACK", "")
-_state: dict[str, Any] = {"saving_step": None, "filler": None}
+_state: dict[str, Any] = {"filler": None}
 
 
 def _rank() -> int:
@@ -107,34 +108,22 @@ def _hang_in_step(self: TrainStep, batch: Any) -> Any:
 TrainStep.run = _hang_in_step  # type: ignore[method-assign]
 
 # ---------------------------------------------------------------- inside a checkpoint write
-_atomic_save = checkpoint.atomic_torch_save
+_job_run = ckpt_writer.SaveJob._run
 
 
-def _save_then_maybe_die(obj: Any, path: Path) -> None:
-    step = _state["saving_step"]
-    if step is not None and path.name.startswith("rank_"):
-        f = _due("kill9-save", step, _rank())
+def _write_or_die(job: ckpt_writer.SaveJob, item: tuple[str, Path | None, Any]) -> None:
+    # The checkpoint writer (the background thread with train.async_checkpoint) writes DeepSpeed's files
+    # first and this rank's own state file last: dying before the latter leaves a partial checkpoint.
+    kind, path, _ = item
+    if kind == "save" and path is not None and path.name.startswith("rank_"):
+        f = _due("kill9-save", job.step, _rank())
         if f is not None:
             _announce(f)
             os.kill(os.getpid(), signal.SIGKILL)
-    _atomic_save(obj, path)
+    _job_run(job, item)
 
 
-checkpoint.atomic_torch_save = _save_then_maybe_die
-
-
-_manager_save = checkpoint.CheckpointManager.save
-
-
-def _save_noting_step(manager: checkpoint.CheckpointManager, step: int, *args: Any, **kwargs: Any) -> Path:
-    _state["saving_step"] = step  # which step's checkpoint the write above belongs to
-    try:
-        return _manager_save(manager, step, *args, **kwargs)
-    finally:
-        _state["saving_step"] = None
-
-
-checkpoint.CheckpointManager.save = _save_noting_step  # type: ignore[method-assign]
+ckpt_writer.SaveJob._run = _write_or_die  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- at step boundaries
