@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import CheckpointError, load_plain
+from trainer.checkpoint import CheckpointError, atomic_torch_save, load_plain
 
 EXPORT_NAME = "export.pt"
 
@@ -25,6 +25,20 @@ def export_state(
     """A self-contained inference file's contents: resolved config, raw weights, each EMA's weights, and
     ``meta`` (image size, channels, classes, MLflow run id) so sampling needs nothing else."""
     return {"config": config, "step": step, "model": model_state, "ema": ema, "meta": meta}
+
+
+def export_weights(
+    path: Path,
+    config: dict[str, Any],
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    ema: dict[str, dict],
+    meta: dict[str, Any],
+) -> None:
+    """Write :func:`export_state` to ``path`` atomically (exports made outside a checkpoint: conversions,
+    reconstructed EMAs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(export_state(config, step, model_state, ema, meta), path)
 
 
 def load_export(path: str | Path) -> dict[str, Any]:

@@ -149,6 +149,8 @@ def _from_slices(states: list[dict[str, Any]], key: str, name: str, numel: int) 
     """Parameter ``name`` out of the ``sliced`` layout: each rank saved ``[start, end)`` of one flat vector of
     every parameter in order (``names``, ``shapes``)."""
     names, shapes = states[0]["names"], states[0]["shapes"]
+    if isinstance(shapes, dict):  # a snapshot file keeps the shapes by name (PowerEMA.full_shapes)
+        shapes = [shapes[n] for n in names]
     if name not in names:
         raise SnapshotError(f"snapshot has no parameter {name!r}")
     i = names.index(name)
