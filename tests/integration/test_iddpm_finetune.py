@@ -101,3 +101,13 @@ def test_init_from_a_network_that_does_not_fit(digits32: Path, tmp_path: Path) -
     assert rc == 2
     lines = [ln for ln in log.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "train.init_from:" in lines[0] and "model.channels is 64" in lines[0], log[-2000:]
+
+
+def test_init_from_under_zero3(digits32: Path, tmp_path: Path) -> None:
+    """The weights are loaded into the network before DeepSpeed partitions it: ZeRO-3 starts from them too."""
+    run_dir = _import(tmp_path)
+    imported = load_export(run_dir)["model"]
+    rc, log = _train(run_dir, digits32, tmp_path / "z3", 2, "train.zero_stage=3", "train.ckpt_every=2")
+    assert rc == 0, log[-3000:]
+    ema = load_export(tmp_path / "z3" / "checkpoints")["ema"]["0.9999"]
+    assert max(float((ema[k] - imported[k]).abs().max()) for k in imported) < 1e-2

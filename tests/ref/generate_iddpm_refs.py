@@ -14,12 +14,15 @@ from seeds by :mod:`tests.ref.iddpm_weights` (the tests redraw the same ones), a
   start noise of the samplers (first N_SAMPLE images), the second draw of the same generator;
 - the ancestral sampler's per-step noise: successive draws of shape (N_SAMPLE, 3, 32, 32) from the global RNG
   seeded with SEED_STEPS, which equal successive draws of ``Generator().manual_seed(SEED_STEPS)``;
-- ``t`` = [0, T/2, T-1] and, for class-conditional cases, ``y`` = [0, 7, 999].
+- ``t`` = [0, T/2, T-1] and, for class-conditional cases, ``y`` = [0, 7, 999];
+- for the bound's terms: ``x_start`` = k/127.5 − 1 for k the first ``torch.randint(0, 256)`` draw of
+  ``Generator().manual_seed(SEED_VB)``, its q_sample noise the next ``randn`` draw of it.
 
 Outputs: ``model_t`` (what its diffusion feeds the UNet), ``model_output``, ``pmv_mean`` /
 ``pmv_log_variance`` / ``pmv_pred_xstart`` (``p_mean_variance``, ``clip_denoised=False``), ``map_<spec>`` (the
 sorted ``space_timesteps`` for "25", "50", "100", "ddim25", "10,15,20", "1"), ``respaced_betas`` ("25"),
-``ddim25_sample`` (DDIM, eta 0) and ``ddpm25_sample`` (ancestral), both 25 steps, ``clip_denoised=True``.
+``ddim25_sample`` (DDIM, eta 0) and ``ddpm25_sample`` (ancestral), both 25 steps, ``clip_denoised=True``;
+``vb_x_t`` and ``vb_bpd`` (``_vb_terms_bpd``, ``clip_denoised=False``: per-sample L_t in bits/dim at ``t``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tests.ref.iddpm_weights import redraw  # noqa: E402
 
 SEED_X = 3001
 SEED_STEPS = 3002
+SEED_VB = 3003
 N = 3
 N_SAMPLE = 2
 SPECS = {"25": "25", "50": "50", "100": "100", "ddim25": "ddim25", "10_15_20": "10,15,20", "1": "1"}
@@ -114,6 +118,14 @@ def generate(case: str, seed: int, changes: dict, out_dir: Path) -> None:
         out["pmv_mean"] = pmv["mean"].numpy()
         out["pmv_log_variance"] = pmv["log_variance"].float().numpy()
         out["pmv_pred_xstart"] = pmv["pred_xstart"].numpy()
+        # The bound's terms in bits/dim (KL for t > 0, the discretized decoder at t = 0) on quantized images.
+        gen_vb = torch.Generator().manual_seed(SEED_VB)
+        x_start = torch.randint(0, 256, (N, 3, 32, 32), generator=gen_vb).float() / 127.5 - 1.0
+        x_t = diffusion.q_sample(x_start, t, noise=torch.randn((N, 3, 32, 32), generator=gen_vb))
+        out["vb_x_t"] = x_t.numpy()
+        out["vb_bpd"] = diffusion._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=kw)[
+            "output"
+        ].numpy()
         for key, spec in SPECS.items():
             out[f"map_{key}"] = np.array(sorted(space_timesteps(T, spec)), dtype=np.int64)
         _, spaced = create_model_and_diffusion(**{**kwargs, "timestep_respacing": "25"})
@@ -133,6 +145,7 @@ def generate(case: str, seed: int, changes: dict, out_dir: Path) -> None:
         "weights_seed": seed,
         "seed_x": SEED_X,
         "seed_steps": SEED_STEPS,
+        "seed_vb": SEED_VB,
         "n": N,
         "n_sample": N_SAMPLE,
         "t": t.tolist(),
