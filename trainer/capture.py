@@ -27,7 +27,7 @@ import torch
 
 
 class Sink(Protocol):
-    def add(self, path: Path, obj: Any, zipfile: bool = True) -> None: ...
+    def add(self, path: Path, obj: Any, zipfile: bool = True, owned: bool = False) -> None: ...
 
     def makedirs(self, path: Path) -> None: ...
 
@@ -35,8 +35,10 @@ class Sink(Protocol):
 
 
 class HostBuffers:
-    """Pinned host buffers for device tensors, reused from one checkpoint to the next (pinning is slow: a
-    fresh pinned allocation per save would cost more than the copy). CPU tensors are simply cloned."""
+    """Host buffers for the copies, reused from one checkpoint to the next: pinned for device tensors (a fresh
+    pinned allocation per save would cost more than the copy) and plain for CPU tensors (a fresh allocation
+    is paid in page faults: cloning 624 MB took 1.6-2.0 s here, copying into a reused buffer 0.16-0.19 s).
+    The price: one host copy of this rank's part of the state stays allocated between saves."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[torch.dtype, int], list[torch.Tensor]] = defaultdict(list)
@@ -44,10 +46,8 @@ class HostBuffers:
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        if t.device.type != "cuda":
-            return t.clone()
         free = self._free[(t.dtype, t.numel())]
-        buf = free.pop() if free else torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+        buf = free.pop() if free else torch.empty(t.numel(), dtype=t.dtype, pin_memory=t.device.type == "cuda")
         self._used.append(buf)
         out = buf.view(t.shape)
         out.copy_(t, non_blocking=True)

@@ -96,9 +96,11 @@ class SaveJob:
         self.hook: Callable[[SaveJob, str, Path | None], None] | None = None
 
     # -- what the parts hand over (the main thread)
-    def add(self, path: Path, obj: Any, zipfile: bool = True) -> None:
+    def add(self, path: Path, obj: Any, zipfile: bool = True, owned: bool = False) -> None:
+        """Write ``obj`` to ``path``. ``owned``: ``obj`` is already a host copy nothing else changes (the export's
+        gathered weights), so a background save need not copy it again."""
         self.planned += tensor_bytes(obj)
-        if self.background:
+        if self.background and not owned:
             obj = host_copy(obj, self.buffers)
         self._item(("save", path, (obj, zipfile)))
 

@@ -134,7 +134,8 @@ class Saver:
                 "mlflow_run_id": self.identity.run_id,
                 "tracking_uri": resolve_uri(self.cfg.tracking.uri),
             }
-            sink.add(path, export_state(self.cfg.model_dump(mode="json"), self.state.step, model_state, ema, meta))
+            state = export_state(self.cfg.model_dump(mode="json"), self.state.step, model_state, ema, meta)
+            sink.add(path, state, owned=True)  # gathered into fresh host tensors: nothing else holds them
 
     def settle(self, final: bool = False) -> None:
         """Wait for the save in flight, if any, and apply the failure policy to it (collective). ``final``: no

@@ -53,9 +53,12 @@ def test_save_is_a_snapshot_and_complete_after_settle(tmp_path: Path, background
     assert (tmp_path / LATEST).read_text() == "step_00000001"
     assert not list(tmp_path.rglob(".*.tmp"))
 
-    mgr.writer.submit(mgr.begin(2, background=background))
+    mgr.writer.submit(mgr.begin(2, background=background))  # reuses the first save's host buffers
+    part.weights.mul_(3.0)
     assert mgr.writer.settle().ok
     assert mgr.complete_tags() == ["step_00000002"]  # keep_last=1 pruned the first
+    second = load_plain(tmp_path / "step_00000002" / "trainer" / "common.pt")["part"]
+    assert torch.equal(second["weights"], first + 1.0) and torch.equal(second["view"], first[10:20] + 1.0)
 
 
 @pytest.mark.parametrize("background", [True, False])
