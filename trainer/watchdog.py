@@ -24,7 +24,8 @@ step is named and the flight recorder says which collective each rank reached.
 
 Arming: nothing is judged before this process finished its first step (start-up, checkpoint loading and the
 first step's compilation can take long; ``train.collective_timeout_min`` covers them). Evaluation, sample
-grids and the end of the run can take far longer than a step: the loop pauses the watchdog around them.
+grids and the end of the run can take far longer than a step: the loop pauses the watchdog around them, and
+nothing is judged while any rank is paused (the others may wait for it in a collective).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,9 @@ class Hang:
 
 def find_hang(progress: Mapping[int, Progress], timeout_s: float) -> Hang | None:
     """The hang in a set of published progress records, or None (see the module docstring for the rule)."""
-    if not any(p.armed for p in progress.values()):
-        return None
-    judged = {r: p for r, p in progress.items() if not p.paused}
+    if not any(p.armed for p in progress.values()) or any(p.paused for p in progress.values()):
+        return None  # a paused rank (a grid on rank 0, say) may hold the others in a collective for long
+    judged = dict(progress)
     if not any(p.age_s >= timeout_s for p in judged.values()):
         return None
     # Ranks publish a poll apart, so a peer stuck at the same step may not have crossed the timeout yet in
@@ -143,6 +144,7 @@ class Watchdog:
         self._on_hang: Callable[[Path], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pause_seen: float | None = None  # when a paused rank was last seen
         self._seen: dict[int, tuple[str, float]] = {}  # rank -> (last record, when it last changed here)
         self.handled: dict[str, Any] | None = None
 
@@ -207,7 +209,15 @@ class Watchdog:
         if st.check([_HANG_KEY]):
             self._handle(json.loads(st.get(_HANG_KEY)))
             return
-        hang = find_hang(self._read_all(), self.timeout_s)
+        progress, now = self._read_all(), self._clock()
+        if any(p.paused for p in progress.values()):
+            self._pause_seen = now
+        if self._pause_seen is not None:
+            # Peers held by a paused rank recorded long waits that were no hang: nobody can have been stuck for
+            # longer than since a pause was last seen.
+            cap = now - self._pause_seen
+            progress = {r: replace(p, age_s=min(p.age_s, cap)) for r, p in progress.items()}
+        hang = find_hang(progress, self.timeout_s)
         if hang is None:
             return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

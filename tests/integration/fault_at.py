@@ -160,12 +160,14 @@ def after_step(loop: trainer_main.Trainer, step: int) -> None:
     if rank == 0 and (f := _due("mlflow", step)) is not None:
         _announce(f)
         print(f"chaos: mlflow down? {step}", flush=True)
-        _wait_for(Path(f"{ACK}.{step}.down"))
+        with loop.watchdog.paused():  # waiting for the supervisor is no hang
+            _wait_for(Path(f"{ACK}.{step}.down"))
         FAULTS.append(Fault("mlflow-up", step + 3, 0))
     if rank == 0 and (f := _due("mlflow-up", step)) is not None:
         print(f"chaos: mlflow up? {step}", flush=True)
-        _wait_for(Path(f"{ACK}.{step}.up"))
-        delivered = loop.identity.tracker.flush(timeout_s=300)
+        with loop.watchdog.paused():
+            _wait_for(Path(f"{ACK}.{step}.up"))
+            delivered = loop.identity.tracker.flush(timeout_s=300)
         print(f"chaos: mlflow outage points delivered: {delivered}", flush=True)
 
 

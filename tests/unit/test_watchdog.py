@@ -45,6 +45,8 @@ def test_no_hang_before_the_timeout_before_arming_or_while_paused() -> None:
     assert find_hang({0: _p(-1, 0.0, armed=False), 1: _p(-1, 0.0, armed=False)}, T) is None
     # Evaluation or a sample grid: paused ranks are not judged.
     assert find_hang({0: _p(5, 600.0, paused=True), 1: _p(5, 600.0, paused=True)}, T) is None
+    # Rank 0 alone in a long phase (a grid): rank 1 waits for it in a collective, and is not named.
+    assert find_hang({0: _p(5, 600.0, paused=True), 1: _p(5, 600.0, waiting=True)}, T) is None
 
 
 def test_a_longer_first_step_on_one_rank_is_not_a_hang() -> None:
@@ -143,3 +145,28 @@ def test_a_hung_run_is_not_requeued_under_slurm(monkeypatch: pytest.MonkeyPatch)
             with pytest.raises(TrainingFailed, match="hung run.*not requeued"):
                 job()
     assert requeued == [preemption.EXIT_PREEMPTED]
+
+
+def test_waits_behind_a_paused_rank_are_not_a_hang(tmp_path: Path) -> None:
+    """Rank 0 samples a grid alone (paused) for 10 timeouts while rank 1 waits for it in a collective; when
+    rank 0 is back, rank 1's long wait, still in its last record, is no hang. A real stall after that is."""
+    store, clock, exits = dist.HashStore(), _Clock(), []
+    dogs = [Watchdog(T, r, 2, tmp_path, poll_s=0.02, exit=exits.append, clock=clock) for r in range(2)]
+    for dog in dogs:
+        dog._store = store
+        dog.beat(4)
+    with dogs[0].paused():
+        for dog in dogs:
+            dog.tick()
+        clock.now = 10 * T
+        for dog in dogs:
+            dog.tick()
+    dogs[0].tick()  # rank 0 is back; rank 1 has not ticked since (its record says 10 T without progress)
+    assert not exits and dogs[0].handled is None
+    clock.now = 11 * T + 1  # a timeout after the pause, and nobody finished a step
+    threads = [threading.Thread(target=dog.tick) for dog in dogs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert exits == [EXIT_HUNG, EXIT_HUNG]
