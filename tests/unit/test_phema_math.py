@@ -188,3 +188,22 @@ def test_config_and_cadence() -> None:
     due = Cadence(cfg, evaluates=False, snapshot_every=10)
     assert [s for s in range(1, 26) if due.at(s).snapshot] == [10, 20, 25]  # the last step snapshots too
     assert not any(Cadence(cfg, evaluates=False).at(s).snapshot for s in range(1, 26))
+
+
+def test_sweep_config_sets_the_periodic_evaluation() -> None:
+    from trainer.config import ConfigError, load_config
+    from trainer.phema.sweep import sweep_config
+
+    run = load_config(None, ["diffusion.steps=100"]).model_dump(mode="json")
+    cfg = sweep_config(run, ["bpd", "fid"], "/data", 64, 8, "clf.pt", "ref.npz", 300, "ddim10")
+    t = cfg.train
+    assert (t.eval_every, t.eval_images, t.eval_timesteps, t.eval_fid_samples) == (1, 64, 8, 300)
+    assert (t.eval_features, t.eval_reference, t.eval_sample_steps, cfg.data.root) == (
+        "clf.pt",
+        "ref.npz",
+        "ddim10",
+        "/data",
+    )
+    assert sweep_config(run, ["bpd"], None, 64, 8, None, None, 300).train.eval_features is None
+    with pytest.raises(ConfigError, match="--eval fid needs --features and --reference"):
+        sweep_config(run, ["fid"], None, 64, 8, None, None, 300)
