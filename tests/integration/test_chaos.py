@@ -2,7 +2,7 @@
 each kind that needs no tracking server (kill -9 between checkpoints and while one is written, the stop
 signal, a full output directory for one checkpoint, a hung rank), relaunched with ``--resume auto`` after
 each; it must end bitwise equal to the fault-free run, in one MLflow run with one loss point per step.
-~7 launches of ~50 s each on a loaded 2-core machine (measured 7 min at load average 8; the long schedule is
+7 launches of ~40-60 s each on a loaded 2-core machine (measured 5-7.5 min at load average 8-10; the long schedule is
 ``python -m tests.chaos --faults 20 --steps 300``)."""
 
 from __future__ import annotations
