@@ -90,6 +90,13 @@ class RunIdentity:
     def run_id(self) -> str | None:
         return self.tracker.run_id or self.state.mlflow_run_id
 
+    def report_hang(self, where: Path) -> None:
+        """Rank 0, before the process exits for a hang (:mod:`trainer.watchdog`): the stack dumps go to the MLflow
+        run, which ends FAILED."""
+        for f in sorted(where.iterdir()):
+            self.tracker.log_artifact_file(f, f"hangs/{where.name}")
+        self.tracker.close(status="FAILED")
+
     def _on_run_id(self, run_id: str) -> None:
         """Called by the tracker, from whichever thread learns the id: persist it at once."""
         self.state.mlflow_run_id = run_id

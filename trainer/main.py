@@ -20,7 +20,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from data_prep.manifest import ManifestError
 from trainer import distributed, preemption, runtime
@@ -32,7 +31,7 @@ from trainer.console import say
 from trainer.data import DataError
 from trainer.saving import EXIT_STORAGE, StorageError
 from trainer.step import Outcome
-from trainer.tracking import Tracker, resolve_uri, validate_uri
+from trainer.tracking import resolve_uri, validate_uri
 from trainer.watchdog import Watchdog
 
 USER_ERRORS = (ConfigError, CheckpointError, ManifestError, DataError, distributed.LauncherError)
@@ -207,7 +206,7 @@ def run(
     try:
         loop = Trainer(cfg, env, builders, after_step)
         loop.resume(resume)
-        loop.watchdog.start(distributed.store(), on_hang=_fail_run(loop.identity.tracker))
+        loop.watchdog.start(distributed.store(), on_hang=loop.identity.report_hang)
         code = loop.fit()
         status = "FINISHED" if code == 0 else "KILLED"
         return code
@@ -223,17 +222,6 @@ def run(
             loop.saver.close()  # a save still in flight finishes (or is left incomplete, never half-complete)
             loop.identity.tracker.close(status=status)
         distributed.shutdown()
-
-
-def _fail_run(tracker: Tracker) -> Callable[[Path], None]:
-    """What rank 0 does for a hang before the process exits: the dumps go to the MLflow run, which ends FAILED."""
-
-    def report(where: Path) -> None:
-        for f in sorted(where.iterdir()):
-            tracker.log_artifact_file(f, f"hangs/{where.name}")
-        tracker.close(status="FAILED")
-
-    return report
 
 
 def main(argv: list[str] | None = None, **hooks: object) -> int:
