@@ -190,7 +190,7 @@ class Throttle:
 def run_case(case: dict[str, Any], args: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
     from trainer.distributed import free_port
 
-    name = f"{case['code']}-{case['mode']}-w{case['world']}-{case['fs']}"
+    name = f"{case['code']}-{case['mode']}-w{case['world']}-{'local' if case['fs'] == 'local' else 'throttled'}"
     out_root = case["fs_root"]
     result = work / f"{name}.json"
     cmd = [
@@ -275,25 +275,26 @@ def parent(args: argparse.Namespace) -> None:
         data = make_data(work)
         rows: list[dict[str, Any]] = []
         throttle: Throttle | None = None
+        meta = {
+            **machine(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "steps": args.steps,
+            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
         try:
             for case in cases(args):
                 if case["fs"] != "local" and throttle is None:
                     throttle = Throttle(args.fuse_python, args.mb_per_s, work)
                 case["fs_root"] = throttle.mount if throttle and case["fs"] != "local" else work
                 rows.append(run_case(case, args, data, work))
+                # After every case: a failure later keeps what was measured.
+                out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+                write_md(out.with_suffix(".md"), meta, rows)
         finally:
             if throttle is not None:
                 throttle.close()
-    meta = {
-        **machine(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "steps": args.steps,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    write_md(out.with_suffix(".md"), meta, rows)
     print(out.with_suffix(".md").read_text())
 
 
