@@ -245,8 +245,9 @@ def write_md(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> No
         f"global batch 4, {meta['steps']} timed steps. Command: `{meta['command']}`.",
         "",
         "| code | save | ranks | file system | checkpoint MB | model states | optimizer | trainer/ | export | "
-        "EMA MB per rank | step s | stall s | save s (until complete) | lost s per checkpoint |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "EMA MB per rank | step s | stall s, 1st save | save s (until complete) | stall s, 2nd save | "
+        "lost s per checkpoint |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         b = r["bytes"]
@@ -254,13 +255,16 @@ def write_md(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> No
             f"| {r['code']} | {'sync' if r['mode'] == 'before' else r['mode']} | {r['world']} | {r['fs']} | "
             f"{_mb(b['total'])} | {_mb(b['model_states'])} | {_mb(b['optim_states'])} | {_mb(b['trainer'])} | "
             f"{_mb(b['export'])} | {_mb(r['ema_bytes_per_rank'])} | {_s(r['step_s'])} | {_s(r['stall_s'])} | "
-            f"{_s(r['save_s'])} | {_s(r['lost_s'])} |"
+            f"{_s(r['save_s'])} | {_s(r['lost_stall_s'])} | {_s(r['lost_s'])} |"
         )
     lines += [
         "",
-        "stall: time inside `save()` (synchronous: the whole write; asynchronous: the host copy). save: until "
-        "`COMPLETE` and `latest`, waiting at once. lost: a save followed by the timed steps and the wait for the "
-        "save, minus the same steps without a save (the background writer shares the 2 cores with the ranks).",
+        "stall: time inside `save()` (synchronous: the whole write; asynchronous: the host copy, plus what both "
+        "pay: the finiteness check, the replica digest, the export's gathers); the 1st save also allocates the "
+        "host buffers the 2nd reuses. save: until `COMPLETE` and `latest`, waiting at once. lost: a save followed "
+        "by the timed steps and the wait for the save, minus the same steps without a save (the background writer "
+        "shares the 2 cores with the ranks; step times vary by ~10 % on this shared machine, so read it as "
+        "+-1 step).",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -298,6 +302,12 @@ def parent(args: argparse.Namespace) -> None:
     print(out.with_suffix(".md").read_text())
 
 
+def rewrite_md(out: Path) -> None:
+    """The table again from ``<out>.json`` (after a change of the table's layout)."""
+    data = json.loads(out.with_suffix(".json").read_text())
+    write_md(out.with_suffix(".md"), data["meta"], data["rows"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -313,8 +323,11 @@ def main() -> None:
     p.add_argument("--mb-per-s", type=float, default=100.0, help="bandwidth of the throttled file system")
     p.add_argument("--tmp", default=None, help="where the runs write (default: the system's temporary dir)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "checkpoint"))
+    p.add_argument("--rewrite-md", action="store_true", help="only rebuild <out>.md from <out>.json")
     args = p.parse_args()
-    if args.child:
+    if args.rewrite_md:
+        rewrite_md(Path(args.out))
+    elif args.child:
         child(args)
     else:
         parent(args)
