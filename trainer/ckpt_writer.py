@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from trainer.capture import HostBuffers, host_copy, tensor_bytes
 from trainer.storage import describe
 
 POLL_S = 0.05
+GRACE_S = 10.0
+"""A run ending on an error: how long rank 0 waits at least for the other ranks' marks (see :meth:`Writer.close`)."""
 """How often rank 0's writer looks for the other ranks' marks."""
 
 
@@ -94,6 +97,8 @@ class SaveJob:
         self.outcome: str | None = None
         """Rank 0: "complete" or "removed" once decided."""
         self.hook: Callable[[SaveJob, str, Path | None], None] | None = None
+        self.write_s: float | None = None
+        """How long this rank's files took to write (background jobs)."""
 
     # -- what the parts hand over (the main thread)
     def add(self, path: Path, obj: Any, zipfile: bool = True, owned: bool = False) -> None:
@@ -202,7 +207,9 @@ class Writer:
             job.written.set()
 
     def _work(self, job: SaveJob) -> None:
+        t0 = time.perf_counter()
         job.run_all()
+        job.write_s = time.perf_counter() - t0
         job.leave_mark()
         job.written.set()
         if self.rank != 0:
@@ -259,11 +266,19 @@ class Writer:
 
     def close(self, timeout_s: float = 300.0) -> None:
         """Not collective: let the save in flight finish if it can (a run ending on an error). Rank 0's writer
-        still finalizes once every rank's mark is there; after ``timeout_s`` it is left incomplete."""
+        still finalizes once every rank's mark is there; a rank whose mark does not come in time (see the code)
+        leaves it incomplete. ``timeout_s`` bounds the wait for this rank's own files."""
         job, thread = self.job, self.thread
         self.job = self.thread = None
         if job is None or thread is None:
             return
-        thread.join(timeout_s if self.rank == 0 else None)
+        if self.rank == 0:
+            job.written.wait(timeout_s)
+            # The other ranks write parts of about the same size: one that has not left its mark within twice
+            # rank 0's own time (at least GRACE_S) is presumed gone, killed or in the error that ends this run,
+            # and waiting longer would only hold the allocation (the checkpoint stays incomplete, never half).
+            thread.join(max(GRACE_S, 2.0 * (job.write_s or 0.0)))
+        else:
+            thread.join(timeout_s)
         job.agreed.set()
         thread.join(1.0)

@@ -137,3 +137,37 @@ def test_checkpoint_size_estimate_and_space_warning(tmp_path: Path) -> None:
     assert space_warning(tmp_path, 1, keep_last=3, existing=0, how="x") is None
     line = space_warning(tmp_path, 1 << 62, keep_last=3, existing=1, how="measured")
     assert line is not None and line.startswith(f"warning: {tmp_path} has ") and "keeps up to 4 at once" in line
+
+
+@pytest.mark.parametrize("other_rank_marks", [True, False])
+def test_a_run_ending_on_an_error_waits_for_the_other_ranks_only_a_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other_rank_marks: bool
+) -> None:
+    """Rank 0 of 2 closing after an error: it finalizes when rank 1's mark is there, and otherwise gives up after
+    the grace instead of holding the allocation (rank 1 was killed: its mark never comes)."""
+    import time
+
+    from trainer import ckpt_writer
+
+    monkeypatch.setattr(ckpt_writer, "GRACE_S", 0.5)
+    finalized: list[int] = []
+    writer = ckpt_writer.Writer(
+        rank=0,
+        world=2,
+        finalize=lambda job: finalized.append(job.step),
+        discard=lambda job: None,
+        gather=lambda x: [x, x],
+        broadcast=lambda x: x,
+    )
+    tag_dir = tmp_path / "step_00000007"
+    job = writer.new_job(tag_dir, 7, background=True)
+    job.add(tag_dir / "trainer" / "rank_0.pt", {"w": torch.ones(4)})
+    if other_rank_marks:
+        tag_dir.mkdir(parents=True)
+        (tag_dir / ckpt_writer.mark_name(1, True)).touch()
+    writer.submit(job)
+    t0 = time.perf_counter()
+    writer.close()
+    assert time.perf_counter() - t0 < 5.0
+    assert (tag_dir / "trainer" / "rank_0.pt").is_file()  # rank 0's own part is always written
+    assert finalized == ([7] if other_rank_marks else [])
