@@ -16,7 +16,8 @@ inside a known call, never after a sleep:
 - ``stop``: every rank gets SIGTERM after step ``step``, the scheduler's stop signal (trainer/preemption.py).
 - ``enospc``: after step ``step - 1`` rank 0 fills the output directory's file system (a file named
   :data:`FILLER` in it), so the checkpoint of step ``step`` finds no space; it removes the filler after step
-  ``step`` if the run is still alive (the supervisor removes it otherwise).
+  ``step`` once that checkpoint's files have been tried (a background save writes after the step), if the run
+  is still alive (the supervisor removes it otherwise).
 - ``mlflow``: after step ``step`` rank 0 prints ``chaos: mlflow down? <step>`` and waits for the supervisor's
   file ``<FAULT_ACK>.<step>.down`` (it killed the tracking server); after step ``step + 3`` it prints ``chaos:
   mlflow up? <step>``, waits for ``<FAULT_ACK>.<step>.up`` (server restarted), then waits until the points of
@@ -140,11 +141,18 @@ def _fill(out: Path) -> Path:
     return filler
 
 
+def _writing(loop: trainer_main.Trainer, step: int) -> bool:
+    """Whether the checkpoint of ``step`` is still being written in the background (the disk must stay full
+    until its files have been tried, or the fault would miss a background save)."""
+    job = loop.parts.ckpt.writer.job
+    return job is not None and job.step == step and not job.written.is_set()
+
+
 def after_step(loop: trainer_main.Trainer, step: int) -> None:
     rank, out = _rank(), Path(loop.cfg.train.output_dir)
     if rank == 0:
         print(f"chaos: step {step}", flush=True)
-    if _state["filler"] is not None and step >= _state["filler"][1]:
+    if _state["filler"] is not None and step >= _state["filler"][1] and not _writing(loop, _state["filler"][1]):
         _state["filler"][0].unlink(missing_ok=True)
         _state["filler"] = None
     if rank == 0 and (f := _due("enospc", step + 1)) is not None:
