@@ -39,7 +39,9 @@ def _state(out: Path, step: int) -> tuple[dict, dict]:
     return export, common
 
 
-@pytest.mark.parametrize("zero", [0, 2, 3])
+# ZeRO-0 across world sizes is run by test_elastic_engine.py (2→1, 1→2, 2→4) and, mid-epoch 2→4→1 to 1e-5 of the
+# never-moved run, by test_world_size_invariance.py: here the stages whose state DeepSpeed partitions.
+@pytest.mark.parametrize("zero", [2, 3])
 def test_two_one_two_four_ranks(digits_shards: Path, tmp_path: Path, zero: int) -> None:
     out = tmp_path / "run"
     common = [
