@@ -177,7 +177,9 @@ class Watchdog:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=max(1.0, 2 * self.poll_s))
+            # Long enough for a store call in flight on a loaded machine to return: the process group (and the
+            # store it uses) is destroyed right after, and a thread still inside it aborts the process at exit.
+            self._thread.join(timeout=max(10.0, 2 * self.poll_s))
         self._thread = None
 
     def _run(self) -> None:
