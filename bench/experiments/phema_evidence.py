@@ -1,16 +1,20 @@
 """Post-hoc EMA evidence at the suite's small scale: the sweep's best σ_rel against the configured fixed-rate
 EMA, on bits/dim and classifier-feature FID (issue 22).
 
-    python bench/experiments/phema_evidence.py --runs DIR/seed0 DIR/seed1 --data data/digits16 --out DIR/report
+    python bench/experiments/phema_evidence.py --train 0 1 --data data/digits16 --out DIR     # trains, then sweeps
+    python bench/experiments/phema_evidence.py --runs R0 R1 --data data/digits16 --out DIR  # runs trained before
 
-Each run is the quickstart (configs/quickstart.yaml: digits 16x16, the quickstart UNet, 400 steps, EMA 0.99)
-trained with ``train.phema.enabled=true train.phema.every_steps=20``. For each run: ``python -m trainer.phema
-reconstruct`` sweeps σ_rel (and the fixed EMA's matched σ_rel, ``--decay``) with ``--eval bpd fid`` (the
-periodic evaluation's bits/dim estimate on the val split and FID of samples against the train split's
-statistics in the feature space of a digit classifier trained here); then the exact bound over all T steps
-(``trainer/evaluate.py bpd``, per image, the same images and noise for every model) of the sweep's best
-σ_rel and of the fixed-rate EMA, compared paired over images and seeds (bench/experiments/paired.py).
-Selection caveat: the best σ_rel is chosen on the same val images its exact bits/dim is then measured on.
+Each run is the quickstart (configs/quickstart.yaml: digits 16x16, the quickstart UNet, 2 ranks x 32 images,
+400 steps, EMA 0.99) trained with ``train.phema.enabled=true train.phema.every_steps=20`` and ``train.seed`` =
+``data.seed`` = the seed (``--train`` runs exactly that, through the deepspeed launcher as ``make quickstart``).
+
+For each run: ``python -m trainer.phema reconstruct`` sweeps σ_rel (and the fixed EMA's matched σ_rel,
+``--decay``) with ``--eval bpd fid`` (the periodic evaluation's bits/dim estimate on the val split and FID of
+samples against the train split's statistics in the feature space of a digit classifier trained here); then
+the exact bound over all T steps (``trainer/evaluate.py bpd``, per image, the same images and noise for every
+model) of the sweep's best σ_rel and of the fixed-rate EMA, compared paired over images and seeds
+(bench/experiments/paired.py). Selection caveat: the best σ_rel is chosen on the same val images its exact
+bits/dim is then measured on.
 """
 
 from __future__ import annotations
@@ -70,10 +74,27 @@ def exact_bpd(export: Path, out: Path, images: int, ema_rate: str | None = None)
     return json.loads(out.read_text())["per_image_bpd"]
 
 
+def train(seed: int, data: Path, out: Path) -> Path:
+    """The quickstart with post-hoc EMA on, seed ``seed``, in ``out/runs/seed<k>`` (kept: resumed when killed)."""
+    from trainer.distributed import free_port
+
+    run_dir = out / "runs" / f"seed{seed}"
+    if (run_dir / "checkpoints" / "step_00000400" / "export.pt").is_file():
+        return run_dir
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    cmd += ["trainer/main.py", "--config", "configs/quickstart.yaml", "--resume", "auto"]
+    cmd += [f"data.root={data}", f"train.seed={seed}", f"data.seed={seed}", "train.phema.enabled=true"]
+    cmd += ["train.phema.every_steps=20", f"train.output_dir={run_dir}", f"tracking.uri=sqlite:///{out}/mlflow.db"]
+    print(f"training seed {seed}: {' '.join(cmd)}", flush=True)
+    run(cmd)
+    return run_dir
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=Path, nargs="*", default=[], help="runs to sweep now (seed k = their --first + k)")
     p.add_argument("--first", type=int, default=0, help="the seed index of the first of --runs")
+    p.add_argument("--train", type=int, nargs="*", default=[], help="seeds to train here (instead of --runs)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--fid-samples", type=int, default=256)
@@ -82,8 +103,11 @@ def main() -> int:
     a = p.parse_args()
     clf, ref, acc = classifier(a.data, a.out / "classifier")
     seeds: dict[int, dict] = {}
-    for k, run_dir in enumerate(a.runs, start=a.first):
+    todo = list(enumerate(a.runs, start=a.first)) + [(k, train(k, a.data.resolve(), a.out.resolve())) for k in a.train]
+    for k, run_dir in todo:
         recon = a.out / f"seed{k}"
+        if (recon / "result.json").is_file():
+            continue  # swept and measured by an earlier call
         cmd = [sys.executable, "-m", "trainer.phema", "reconstruct", str(run_dir), "--out", str(recon)]
         cmd += ["--sigma-rel", *SIGMAS, "--decay", "0.99", "--max-error", "0.07", "--eval", "bpd", "fid"]
         cmd += ["--features", str(clf), "--reference", str(ref), "--fid-samples", str(a.fid_samples)]

@@ -152,6 +152,7 @@ def respaced_bpd(export: Path, data: Path, n: int, steps: list[int], batch: int)
             "bits_per_dim": float(bpd.mean()),
             "bits_per_dim_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan"),
             "prior_bpd": float(np.concatenate(priors).mean()),
+            "per_image_bpd": bpd.tolist(),  # for the paired intervals between arms (bench/experiments/paired.py)
         }
     return out
 

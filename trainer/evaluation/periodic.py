@@ -199,10 +199,13 @@ class PeriodicEval:
 
     # -- construction
     @classmethod
-    def create(cls, cfg: Config, env: distributed.DistEnv, manifest: Any) -> PeriodicEval | None:
+    def create(
+        cls, cfg: Config, env: distributed.DistEnv, manifest: Any, purpose: str | None = None
+    ) -> PeriodicEval | None:
         """None when ``train.eval_every`` is 0. Reads this rank's share of the validation subset and, on rank 0,
         loads the feature network and the reference statistics; any problem is a ConfigError (one line, on
-        every rank) raised before training starts."""
+        every rank) raised before training starts. ``purpose`` heads the line that says what is evaluated
+        (default: the training run's cadence and EMA)."""
         if not cfg.train.eval_every:
             return None
         from trainer.data import DataError, read_ranges, split_size
@@ -247,7 +250,8 @@ class PeriodicEval:
             what = f"bits/dim estimate on {n} val images{fewer}, {K + 1} of T={diffusion.num_timesteps} timesteps each"
             if fid is not None:
                 what += f"; FID on {fid.num_samples} samples ({cfg.sample.method} {fid.respacing}, {tc.eval_features})"
-            print(f"evaluation every {tc.eval_every} steps with EMA {cfg.train.ema_rates[0]}: {what}", flush=True)
+            purpose = purpose or f"evaluation every {tc.eval_every} steps with EMA {cfg.train.ema_rates[0]}"
+            print(f"{purpose}: {what}", flush=True)
         return cls(cfg, env, diffusion, manifest.image_size, manifest.channels, num_classes, parts, n, fid)
 
     @staticmethod

@@ -78,7 +78,8 @@ def run_sweep(
     from trainer.data import load_manifest
     from trainer.evaluation.periodic import PeriodicEval
 
-    evaluator = PeriodicEval.create(cfg, env, load_manifest(cfg.data.root))
+    purpose = f"post-hoc EMA sweep at step {plan.step}: every model evaluated the same way"
+    evaluator = PeriodicEval.create(cfg, env, load_manifest(cfg.data.root), purpose=purpose)
     assert evaluator is not None  # eval_every is set
     models: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
     for tg, path in zip(plan.targets, exports, strict=True):
