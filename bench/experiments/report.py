@@ -429,8 +429,44 @@ def _arm_table(arms: dict[str, dict[str, Any]], noise: bool) -> list[str]:
     return lines
 
 
+def compare_bpd(arms: dict[str, dict[str, Any]], better: str, worse: str) -> tuple[bool | None, str]:
+    """Is ``better``'s bits/dim lower than ``worse``'s: decided by the paired interval over images and seeds
+    (True/False only where it excludes 0); runs without per-image values fall back to seed ranges, and say so."""
+    import paired  # a sibling module, on sys.path like this one
+
+    per = {a: {k: r.get("bpd_per_image") for k, r in arms[a]["seeds"].items()} for a in (better, worse)}
+    iv = paired.paired_difference(per[better], per[worse])
+    if iv is None:
+        lower, how = compare(arms[better]["summary"]["bpd"], arms[worse]["summary"]["bpd"])
+        return (lower if how == "seed ranges do not overlap" else None), how + " (no per-image values: no interval)"
+    how = (
+        f"paired difference {iv['mean']:+.4f} bits/dim, {iv['level']:.0%} interval [{iv['low']:+.4f}, "
+        f"{iv['high']:+.4f}] over {iv['images']} images × {iv['seeds']} seeds"
+    )
+    lower = paired.decide(iv)
+    return lower, how + ("" if lower is not None else ": the interval holds 0")
+
+
+def compare_noise(arms: dict[str, dict[str, Any]], quieter: str, noisier: str) -> tuple[bool | None, str]:
+    """Is ``quieter``'s train/loss noise lower: the per-seed ratio's t interval over seeds must exclude 1."""
+    import paired
+
+    iv = paired.seed_ratio(
+        {k: r.get("loss_std") for k, r in arms[quieter]["seeds"].items()},
+        {k: r.get("loss_std") for k, r in arms[noisier]["seeds"].items()},
+    )
+    if iv is None:
+        return None, "fewer than 2 seeds: no interval"
+    how = f"ratio ×{iv['ratio']:.3g}, {iv['level']:.0%} interval [×{iv['ratio_low']:.3g}, ×{iv['ratio_high']:.3g}] "
+    how += f"({iv['method']})"
+    lower = paired.decide(iv)
+    return lower, how + ("" if lower is not None else ": the interval holds 1")
+
+
 def verdicts(part: int, arms: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
-    """Sentences 'paper says X; here Y (agrees/disagrees)' and their machine-readable form."""
+    """Sentences 'paper says X; here Y (agrees/disagrees/inconclusive)' and their machine-readable form. A
+    verdict is given only where the interval of the difference excludes zero (bits/dim: paired over images and
+    seeds; loss noise: the ratio over seeds); otherwise it is "inconclusive"."""
     S = {a: d["summary"] for a, d in arms.items()}
     out: list[str] = []
     facts: dict[str, Any] = {}
@@ -440,12 +476,12 @@ def verdicts(part: int, arms: dict[str, dict[str, Any]]) -> tuple[list[str], dic
 
     if part in (1, 2):
         good, bad = ("hybrid_cosine", "mse_fixed") if part == 1 else ("hybrid_cosine", "hybrid_linear")
-        ok, how = compare(S[good]["bpd"], S[bad]["bpd"])
+        ok, how = compare_bpd(arms, good, bad)
         line(CLAIMS[part], f"{good} {_pm(S[good]['bpd'])} vs {bad} {_pm(S[bad]['bpd'])} bits/dim", ok, how)
         facts = {"agrees": ok, "strength": how}
     elif part == 3:
-        ok1, how1 = compare(S["kl_importance"]["loss_std"], S["kl_uniform"]["loss_std"])
-        ok2, how2 = compare(S["kl_importance"]["bpd"], S["kl_uniform"]["bpd"])
+        ok1, how1 = compare_noise(arms, "kl_importance", "kl_uniform")
+        ok2, how2 = compare_bpd(arms, "kl_importance", "kl_uniform")
         line(
             "importance sampling makes the L_vlb learning curve far less noisy (§3.3, Fig. 6)",
             f"std of train/loss over the last {WINDOW:.0%}: importance {_pm(S['kl_importance']['loss_std'], 5)} vs "
@@ -462,25 +498,28 @@ def verdicts(part: int, arms: dict[str, dict[str, Any]]) -> tuple[list[str], dic
         facts = {"less_noisy": ok1, "less_noisy_strength": how1, "lower_bpd": ok2, "lower_bpd_strength": how2}
     elif part == 4:
         u = "hybrid_cosine"
-        gains = {a: compare(S[a]["bpd"], S[u]["bpd"]) for a in ("hybrid_importance_vb", "hybrid_importance_loss")}
-        firm_gain = [a for a, (lower, how) in gains.items() if lower and how == "seed ranges do not overlap"]
+        gains = {a: compare_bpd(arms, a, u) for a in ("hybrid_importance_vb", "hybrid_importance_loss")}
+        firm_gain = [a for a, (lower, _) in gains.items() if lower is True]
         here = ", ".join(f"{a} {_pm(S[a]['bpd'])}" for a in (u, *gains)) + " bits/dim"
-        line(CLAIMS[4], here, not firm_gain if S[u]["bpd"].get("n") else None, "agrees unless an importance arm "
-             "is lower with seed ranges that do not overlap")  # fmt: skip
-        vb_wins, how = compare(S["hybrid_importance_vb"]["bpd"], S["hybrid_importance_loss"]["bpd"])
+        how_gain = "; ".join(f"{a} − {u}: {how}" for a, (_, how) in gains.items())
+        line(CLAIMS[4], here, not firm_gain if S[u]["bpd"].get("n") else None,
+             f"agrees unless an importance arm's interval lies below uniform's: {how_gain}")  # fmt: skip
+        vb_wins, how = compare_bpd(arms, "hybrid_importance_vb", "hybrid_importance_loss")
         winner = None if vb_wins is None else ("vb" if vb_wins else "loss")
-        noise_vb, how_noise = compare(S["hybrid_importance_vb"]["loss_std"], S["hybrid_importance_loss"]["loss_std"])
+        noise_vb, how_noise = compare_noise(arms, "hybrid_importance_vb", "hybrid_importance_loss")
         quieter = {True: "the history fed vb", False: "the history fed loss", None: "neither history"}[noise_vb]
         rec = (
-            f"Recommended default: `diffusion.history_term: {winner}` (lower final bits/dim; {how})."
+            f"Recommended default: `diffusion.history_term: {winner}` (lower final bits/dim; vb − loss: {how})."
             if winner
-            else f"No recommendation between the histories ({how}): keep the default `diffusion.history_term: loss`."
+            else f"No recommendation between the histories (vb − loss: {how}): keep the default "
+            "`diffusion.history_term: loss`."
         )
-        rec += f" Loss noise: {quieter} gives the less noisy train/loss ({how_noise})."
+        rec += f" Loss noise: {quieter} gives the less noisy train/loss (vb / loss: {how_noise})."
         if S[u]["bpd"].get("n") and not firm_gain:
             rec += (
-                " Neither importance-sampling arm beats uniform sampling firmly, so `diffusion.timestep_sampler: "
-                "uniform` stays the default for L_hybrid; history_term only matters when importance sampling is on."
+                " Neither importance-sampling arm beats uniform sampling with an interval below zero, so "
+                "`diffusion.timestep_sampler: uniform` stays the default for L_hybrid; history_term only matters "
+                "when importance sampling is on."
             )
         out.append(rec)
         facts = {"firm_gain_over_uniform": firm_gain, "history_term_winner": winner, "strength": how}
@@ -597,7 +636,10 @@ def write_exp5(runner: Any, arm_names: list[str], descriptions: dict[str, str]) 
                         vals.setdefault(k, []).append(v)
             rec.update({k: spread(v) for k, v in vals.items()})
             rows.append(rec)
-    lines, facts = _exp5_verdicts(rows, suite)
+    paired_facts, paired_lines = exp5_paired(runner)
+    lines, facts = _exp5_verdicts(rows, suite, paired_facts)
+    lines += paired_lines
+    facts["paired"] = paired_facts
     doc = {
         "experiment": 5,
         "title": TITLES[5],
@@ -662,52 +704,153 @@ def _bpd_at(runner: Any, arm: str, seed: int, steps: int) -> float | None:
     return json.loads(p.read_text())["by_steps"].get(str(steps), {}).get("bits_per_dim")
 
 
-def _exp5_verdicts(rows: list[dict[str, Any]], suite: Any) -> tuple[list[str], dict[str, Any]]:
+H, M = "hybrid_cosine", "mse_fixed"
+
+
+def _bpd_per_image(runner: Any, arm: str, seed: int, steps: int) -> list[float] | None:
+    if steps == runner.suite.T:
+        p = runner.bpd_json(arm, seed)
+        return json.loads(p.read_text()).get("per_image_bpd") if p.is_file() else None
+    p = runner.exp5_dir() / "bpd_respaced" / f"{arm}-seed{seed}.json"
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text())["by_steps"].get(str(steps), {}).get("per_image_bpd")
+
+
+def exp5_paired(runner: Any, resamples: int = 1000) -> tuple[dict[str, Any], list[str]]:
+    """Experiment 5's comparisons with 95 % intervals over seeds and paired items: the respaced bounds of the two
+    models per step count (paired over val images), and FID statistics (paired over samples: sample i of every
+    set starts from the same noise; bench/experiments/paired.py's FID bootstrap, features recomputed from the
+    stored samples with the suite's classifier)."""
+    import paired
+
+    from trainer.evaluation.features import load_feature_net
+    from trainer.evaluation.quality import load_reference
+
+    suite, T = runner.suite, runner.suite.T
+    facts: dict[str, Any] = {}
+    lines: list[str] = []
+    for k in [*suite.sample_steps, T]:
+        per = {a: {s: _bpd_per_image(runner, a, s, k) for s in suite.seeds} for a in (H, M)}
+        per = {a: {s: v for s, v in d.items() if v is not None} for a, d in per.items()}
+        iv = paired.paired_difference(per[H], per[M])
+        facts[f"bpd_{k}"] = iv
+        lines.append(f"Paired, bound of the {k}-step process: " + paired.describe(H, M, iv) + ".")
+    d = runner.exp5_dir()
+    clf, ref = d / "classifier.pt", d / "ref_train.npz"
+    settings = runner.sample_settings()
+    keys = [(s, a, m, k) for s in suite.seeds for a in (H, M) for m, _, k in settings]
+    paths = {(s, a, m, k): runner.sample_dir(a, s, m, k) / "samples.npz" for s, a, m, k in keys}
+    if not (clf.is_file() and ref.is_file() and all(p.is_file() for p in paths.values())):
+        lines.append("FID intervals: not computed (sample sets or the classifier missing).")
+        return facts, lines
+    net = load_feature_net(str(clf), "cpu")
+    reference, _ = load_reference(ref)
+    fid = paired.FastFID(reference.pool.mean, reference.pool.cov)
+    feats: dict[int, dict[str, np.ndarray]] = {s: {} for s in suite.seeds}
+    for (s, a, m, k), path in paths.items():
+        with np.load(path, allow_pickle=False) as z:
+            feats[s][f"{a} {m} {k}"] = net.extract(z["arr_0"], batch_size=256).pool
+
+    def pick(*names: str) -> dict[int, dict[str, np.ndarray]]:
+        return {s: {n: feats[s][n] for n in names} for s in suite.seeds}
+
+    mid = [k for k in suite.sample_steps if 50 <= k <= 100] or list(suite.sample_steps)
+    few = min(suite.sample_steps)
+
+    def ratio_gap(f: dict[str, float]) -> float:
+        r = {a: np.mean([f[f"{a} ddpm {k}"] / f[f"{a} ddpm {T}"] for k in mid]) for a in (H, M)}
+        return float(r[H] - r[M])
+
+    stats = {
+        "fid_ratio_gap": (
+            pick(*[f"{a} ddpm {k}" for a in (H, M) for k in (*mid, T)]),
+            ratio_gap,
+            f"FID({'/'.join(map(str, mid))} steps) / FID(all T), mean over step counts, {H} − {M}",
+        ),
+        f"fid_{few}": (
+            pick(f"{H} ddpm {few}", f"{M} ddpm {few}"),
+            lambda f: f[f"{H} ddpm {few}"] - f[f"{M} ddpm {few}"],
+            f"FID at {few} steps (ancestral), {H} − {M}",
+        ),
+        f"fid_ddim_vs_ddpm_{few}": (
+            pick(f"{H} ddim {few}", f"{H} ddpm {few}"),
+            lambda f: f[f"{H} ddim {few}"] - f[f"{H} ddpm {few}"],
+            f"FID at {few} steps, {H}: DDIM − ancestral",
+        ),
+    }
+    for key, (sets, stat, what) in stats.items():
+        iv = paired.paired_statistic(sets, stat, fid, resamples=resamples)
+        iv["what"] = what
+        facts[key] = iv
+        word = {True: "below 0", False: "above 0", None: "undecided (the interval holds 0)"}[paired.decide(iv)]
+        lines.append(
+            f"Paired, {what}: {iv['mean']:+.3f}, {iv['level']:.0%} interval [{iv['low']:+.3f}, {iv['high']:+.3f}] "
+            f"over {iv['images']} paired samples × {iv['seeds']} seeds: {word}."
+        )
+    return facts, lines
+
+
+def _exp5_verdicts(
+    rows: list[dict[str, Any]], suite: Any, pf: dict[str, Any] | None = None
+) -> tuple[list[str], dict[str, Any]]:
+    """The claims' sentences; the verdict words follow the paired intervals of :func:`exp5_paired` (``pf``):
+    "agrees"/"disagrees" only where the interval excludes 0, "inconclusive" otherwise."""
+    import paired
+
+    pf = pf or {}
+
     def get(arm: str, method: str, steps: int, key: str) -> float | None:
         for r in rows:
             if (r["arm"], r["method"], r["steps"]) == (arm, method, steps) and r.get(key, {}).get("n"):
                 return r[key]["mean"]
         return None
 
+    def word(key: str) -> bool | None:  # the interval lies below 0: the claim holds
+        return paired.decide(pf.get(key))
+
     T = suite.T
     mid = [k for k in suite.sample_steps if 50 <= k <= 100] or list(suite.sample_steps)
     ratios: dict[str, dict[int, float]] = {}
-    for arm in ("hybrid_cosine", "mse_fixed"):
+    for arm in (H, M):
         full = get(arm, "ddpm", T, "fid")
         ratios[arm] = {
             k: get(arm, "ddpm", k, "fid") / full for k in mid if full and get(arm, "ddpm", k, "fid") is not None
         }
     lines = []
-    ok = None
-    if ratios["hybrid_cosine"] and ratios["mse_fixed"]:
-        h = float(np.mean(list(ratios["hybrid_cosine"].values())))
-        m = float(np.mean(list(ratios["mse_fixed"].values())))
-        ok = h < m
+    ok = word("fid_ratio_gap")
+    if ratios[H] and ratios[M]:
         shown = "; ".join(
             f"{arm}: " + ", ".join(f"{k} steps x{r:.2f}" for k, r in ratios[arm].items()) for arm in ratios
         )
         lines.append(
             f"Paper: {CLAIMS[5]}. Here (ddpm, FID at {'/'.join(map(str, mid))} steps over FID at all T = {T}): "
-            f"{shown} — **{verdict_word(ok)}** (mean over seeds; per-seed values in exp5.json)."
+            f"{shown} — **{verdict_word(ok)}** (the paired interval of the difference of the ratios, below)."
         )
     else:
         lines.append(f"Paper: {CLAIMS[5]}. Here: not measured (missing sample sets).")
-    bpd_h = {k: get("hybrid_cosine", "ddpm", k, "bpd") for k in suite.sample_steps}
-    bpd_m = {k: get("mse_fixed", "ddpm", k, "bpd") for k in suite.sample_steps}
+    bpd_h = {k: get(H, "ddpm", k, "bpd") for k in suite.sample_steps}
+    bpd_m = {k: get(M, "ddpm", k, "bpd") for k in suite.sample_steps}
     if all(v is not None for v in (*bpd_h.values(), *bpd_m.values())):
-        better = all(bpd_h[k] < bpd_m[k] for k in suite.sample_steps)
+        decided = [word(f"bpd_{k}") for k in suite.sample_steps]
+        verdict = (
+            "keep a better bound at every step count (every paired interval below 0)."
+            if all(v is True for v in decided)
+            else "do not win at every step count with an interval below 0."
+        )
         lines.append(
             "Likelihood of the respaced processes: bits/dim "
             + ", ".join(f"{k} steps {bpd_h[k]:.3f} (learned) vs {bpd_m[k]:.3f} (fixed)" for k in suite.sample_steps)
             + " — learned variances "
-            + ("keep a better bound at every step count." if better else "do not win at every step count.")
+            + verdict
         )
     few = min(suite.sample_steps)
-    d_h, a_h = get("hybrid_cosine", "ddim", few, "fid"), get("hybrid_cosine", "ddpm", few, "fid")
+    d_h, a_h = get(H, "ddim", few, "fid"), get(H, "ddpm", few, "fid")
     if d_h is not None and a_h is not None:
         lines.append(
             f"Paper: DDIM gives better samples than respaced ancestral sampling below ~50 steps. Here, at {few} "
-            f"steps (hybrid_cosine): DDIM FID {d_h:.2f} vs ddpm {a_h:.2f} — **{verdict_word(d_h < a_h)}**."
+            f"steps ({H}): DDIM FID {d_h:.2f} vs ddpm {a_h:.2f} — **{verdict_word(word(f'fid_ddim_vs_ddpm_{few}'))}** "
+            "(paired interval below)."
         )
     return lines, {"agrees": ok, "fid_ratio_to_full": ratios}
 

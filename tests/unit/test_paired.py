@@ -70,3 +70,45 @@ def test_the_report_pairs_every_two_arms_and_says_when_values_are_missing() -> N
     assert list(facts) == ["a - b", "a - old", "b - old"]
     assert facts["a - b"]["mean"] == pytest.approx(-0.2) and facts["a - b"]["high"] < 0
     assert text[0].endswith("a lower.") and facts["a - old"] is None and "no per-image values" in text[1]
+
+
+def test_fast_fid_is_the_frechet_distance() -> None:
+    from trainer.evaluation.quality import FeatureStats, frechet_distance
+
+    rng = np.random.default_rng(4)
+    ref = rng.normal(0, 1, (500, 12)) @ rng.normal(0, 1, (12, 12))
+    x = rng.normal(0.3, 1, (64, 12)) @ rng.normal(0, 1, (12, 12))
+    r, s = FeatureStats.from_features(ref), FeatureStats.from_features(x)
+    expected = frechet_distance(s.mean, s.cov, r.mean, r.cov)
+    assert paired.FastFID(r.mean, r.cov)(x) == pytest.approx(expected, rel=1e-9)
+
+
+def test_paired_statistic_of_fids_decides_a_shift_and_not_a_relabelling() -> None:
+    # Two "models" share their noise: sample i of b is sample i of a moved by a constant. The FID difference
+    # is decided; a set against itself gives exactly 0; sets of other sizes are refused.
+    rng = np.random.default_rng(5)
+    ref = rng.normal(0, 1, (2000, 6))
+    fid = paired.FastFID(ref.mean(0), np.cov(ref, rowvar=False))
+    sets = {s: {"a": rng.normal(0, 1, (96, 6))} for s in (0, 1)}
+    for s in sets:
+        sets[s]["b"] = sets[s]["a"] + 0.5
+    diff = paired.paired_statistic(sets, lambda f: f["b"] - f["a"], fid, resamples=300)
+    assert diff["low"] > 0 and paired.decide(diff) is False
+    assert diff["mean"] == pytest.approx(np.mean([fid(sets[s]["b"]) - fid(sets[s]["a"]) for s in sets]), rel=1e-12)
+    same = paired.paired_statistic(sets, lambda f: f["a"] - f["a"], fid, resamples=50)
+    assert same["low"] == same["high"] == 0.0
+    with pytest.raises(ValueError, match="not paired"):
+        paired.paired_statistic({0: {"a": np.zeros((4, 6)), "b": np.zeros((5, 6))}}, lambda f: 0.0, fid)
+
+
+def test_seed_ratio_is_the_t_interval_of_the_log_ratio() -> None:
+    a, b = {0: 0.5, 1: 0.8, 2: 0.6}, {0: 10.0, 1: 12.0, 2: 20.0}
+    iv = paired.seed_ratio(a, b)
+    d = np.log([0.05, 0.8 / 12, 0.03])
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert iv["ratio"] == pytest.approx(np.exp(d.mean()), rel=1e-12)
+    assert (iv["ratio_low"], iv["ratio_high"]) == pytest.approx((np.exp(d.mean() - half), np.exp(d.mean() + half)))
+    assert paired.decide(iv) is True and "a lower" in paired.describe_ratio("a", "b", "noise", iv)
+    # Two seeds that disagree on the direction: undecided; one seed: no interval.
+    assert paired.decide(paired.seed_ratio({0: 1.0, 1: 3.0}, {0: 2.0, 1: 2.0})) is None
+    assert paired.seed_ratio({0: 1.0}, {0: 2.0}) is None
