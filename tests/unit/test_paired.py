@@ -112,3 +112,21 @@ def test_seed_ratio_is_the_t_interval_of_the_log_ratio() -> None:
     # Two seeds that disagree on the direction: undecided; one seed: no interval.
     assert paired.decide(paired.seed_ratio({0: 1.0, 1: 3.0}, {0: 2.0, 1: 2.0})) is None
     assert paired.seed_ratio({0: 1.0}, {0: 2.0}) is None
+
+
+def test_verdicts_follow_the_paired_interval_not_the_means() -> None:
+    import report
+
+    def arm(values: dict[int, list[float]]) -> dict:
+        seeds = {s: {"bpd": float(np.mean(v)), "bpd_per_image": v, "loss_std": 1.0} for s, v in values.items()}
+        return {"seeds": seeds, "summary": report.summarise_arm(seeds)}
+
+    rng = np.random.default_rng(6)
+    img = rng.normal(3.0, 0.3, 64)
+    better = arm({s: (img - 0.02 + rng.normal(0, 0.005, 64)).tolist() for s in (0, 1)})
+    noisy = arm({s: (img - 0.02 + rng.normal(0, 0.3, 64)).tolist() for s in (0, 1)})  # lower mean, no decision
+    base = arm({s: img.tolist() for s in (0, 1)})
+    lines, facts = report.verdicts(1, {"hybrid_cosine": better, "mse_fixed": base})
+    assert facts["agrees"] is True and "**agrees**" in lines[0] and "interval [" in lines[0]
+    lines, facts = report.verdicts(1, {"hybrid_cosine": noisy, "mse_fixed": base})
+    assert facts["agrees"] is None and "**inconclusive**" in lines[0] and "the interval holds 0" in lines[0]
