@@ -171,14 +171,12 @@ re-trained from the checkpoint at 16) and 25..40 must come out the same as the u
     ("zero", "workers", "precision", "stop", "log_every", "background", "extra"),
     [
         (0, 0, "fp32", signal.SIGUSR2, 3, False, []),
-        (0, 2, "fp32", signal.SIGKILL, 1, True, []),
-        (2, 0, "fp32", signal.SIGKILL, 3, True, PHEMA),
+        (2, 2, "fp32", signal.SIGKILL, 3, True, PHEMA),
         (2, 2, "bf16", signal.SIGUSR2, 1, True, []),
     ],
     ids=[
         "zero0-w0-fp32-stop-deferred-syncsave",
-        "zero0-w2-fp32-kill9",
-        "zero2-w0-fp32-kill9-deferred-phema",
+        "zero2-w2-fp32-kill9-deferred-phema",
         "zero2-w2-bf16-stop",
     ],
 )
