@@ -156,16 +156,6 @@ def seed_ratio(a: dict[int, float], b: dict[int, float], level: float = LEVEL) -
     }
 
 
-def describe_ratio(name_a: str, name_b: str, what: str, iv: dict[str, Any] | None) -> str:
-    if iv is None:
-        return f"{what} {name_a} / {name_b}: fewer than 2 seeds: no interval"
-    verdict = {True: f"{name_a} lower", False: f"{name_a} higher", None: "undecided (the interval holds 1)"}
-    return (
-        f"{what} {name_a} / {name_b}: ×{iv['ratio']:.3g}, {iv['level']:.0%} interval [×{iv['ratio_low']:.3g}, "
-        f"×{iv['ratio_high']:.3g}] ({iv['method']}): {verdict[decide(iv)]}"
-    )
-
-
 def decide(interval: dict[str, Any] | None) -> bool | None:
     """True: the first arm is lower (the interval lies below 0); False: higher; None: the interval holds 0."""
     if interval is None:
@@ -177,14 +167,12 @@ def decide(interval: dict[str, Any] | None) -> bool | None:
     return None
 
 
-def describe(
-    name_a: str, name_b: str, interval: dict[str, Any] | None, unit: str = "bits/dim", what: str = "images"
-) -> str:
+def describe(name_a: str, name_b: str, interval: dict[str, Any] | None, unit: str = "bits/dim") -> str:
     if interval is None:
         return f"{name_a} − {name_b}: no per-image values stored: no paired interval"
     verdict = {True: f"{name_a} lower", False: f"{name_a} higher", None: "undecided (the interval holds 0)"}
     return (
         f"{name_a} − {name_b}: {interval['mean']:+.4f} {unit}, {interval['level']:.0%} interval "
-        f"[{interval['low']:+.4f}, {interval['high']:+.4f}] over {interval['images']} {what} × {interval['seeds']} "
+        f"[{interval['low']:+.4f}, {interval['high']:+.4f}] over {interval['images']} images × {interval['seeds']} "
         f"seeds: {verdict[decide(interval)]}"
     )
