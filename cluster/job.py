@@ -154,14 +154,6 @@ class TrainJob(Checkpointable):
             # Other ranks (and a plain SIGTERM, which submitit only logs) return the report.
             preemption.forward_to_previous_handler()
             return report
-        from trainer.watchdog import EXIT_HUNG
-
-        if code == EXIT_HUNG:
-            # Not requeued, even if a stop signal came too: the requeued job would most likely stop at the same
-            # place and burn another allocation. The stacks are in <output_dir>/hangs/.
-            raise TrainingFailed(
-                f"{ENTRIES[self.entry]} stopped a hung run (exit {code}) on rank {dist_env.rank}; not requeued"
-            )
         if code != 0:
             raise TrainingFailed(f"{ENTRIES[self.entry]} returned {code} on rank {dist_env.rank}")
         return report

@@ -33,10 +33,12 @@ files hold only tensors and plain values and are read with ``weights_only=True``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -184,9 +186,15 @@ class CheckpointManager:
         meta = {"step": job.step, "world_size": self.env.world_size}
         atomic_write_text(job.tag_dir / COMPLETE, json.dumps(meta))
         atomic_write_text(self.root / LATEST, job.tag_dir.name)
-        self._prune(keep=job.tag_dir.name)
-        if self.on_complete is not None:
-            self.on_complete(job)
+        # From here the checkpoint is complete and named by `latest`: nothing that follows may undo it (a
+        # failure raised out of here discards the save, and the older checkpoints may be pruned already).
+        try:
+            self._prune(keep=job.tag_dir.name)
+            if self.on_complete is not None:
+                self.on_complete(job)  # prints: stdout on a full disk or a closed pipe raises OSError
+        except Exception as err:  # noqa: BLE001 - reported; the checkpoint stands
+            with contextlib.suppress(OSError):
+                print(f"warning: after completing {job.tag_dir}: {type(err).__name__}: {err}", file=sys.stderr)
 
     def _discard(self, job: SaveJob) -> None:
         """Rank 0: a save that failed on some rank leaves nothing behind (its space is what a retry needs)."""

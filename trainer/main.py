@@ -123,9 +123,10 @@ class Trainer:
                     self._do_due(self.cadence.at(st.step))
             if self.stopping:
                 say(self.env.is_main, f"stop signal received at step {st.step}: saving and exiting for requeue")
-                if self.saver.last_saved != st.step:
-                    self.saver.save(final=True)
-                self.saver.settle(final=True)  # the checkpoint is complete before the process exits
+                with self.watchdog.paused():
+                    if self.saver.last_saved != st.step:
+                        self.saver.save(final=True)
+                    self.saver.settle(final=True)  # the checkpoint is complete before the process exits
                 return preemption.EXIT_PREEMPTED
             self.watchdog.beat(st.step + int(self.step.in_flight))  # this rank finished the step it launched
         if st.step == total:
@@ -163,13 +164,15 @@ class Trainer:
         step, tracker = self.state.step, self.identity.tracker
         if due.log:
             self.log.write(tracker)
-        if due.save:
-            self.saver.save(final=due.end)
-        if due.snapshot and self.parts.snapshots is not None:
-            self.parts.snapshots.write(step, self.state.samples_seen)
-        if due.plot:
-            self.pictures.importance(step, tracker)
-        with self.watchdog.paused():  # sampling and evaluation can take far longer than a step
+        # Saves (a synchronous one, or waiting for the previous background write), snapshots, sampling and
+        # evaluation can take far longer than a step: the hang watchdog does not judge them.
+        with self.watchdog.paused():
+            if due.save:
+                self.saver.save(final=due.end)
+            if due.snapshot and self.parts.snapshots is not None:
+                self.parts.snapshots.write(step, self.state.samples_seen)
+            if due.plot:
+                self.pictures.importance(step, tracker)
             if due.grid:
                 self.pictures.grid(step, tracker)
             if due.eval and self.parts.evaluator is not None:

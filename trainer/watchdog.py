@@ -23,9 +23,11 @@ CUDA the host seldom waits inside the collective itself (NCCL queues it), so the
 step is named and the flight recorder says which collective each rank reached.
 
 Arming: nothing is judged before this process finished its first step (start-up, checkpoint loading and the
-first step's compilation can take long; ``train.collective_timeout_min`` covers them). Evaluation, sample
+first step's compilation can take long; ``train.collective_timeout_min`` covers them). Checkpoint saves (a
+synchronous one, or waiting for the previous background write), post-hoc EMA snapshots, evaluation, sample
 grids and the end of the run can take far longer than a step: the loop pauses the watchdog around them, and
-nothing is judged while any rank is paused (the others may wait for it in a collective).
+nothing is judged while any rank is paused (the others may wait for it in a collective; a collective that never
+completes there is ended by ``train.collective_timeout_min``).
 """
 
 from __future__ import annotations

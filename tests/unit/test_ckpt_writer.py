@@ -171,3 +171,22 @@ def test_a_run_ending_on_an_error_waits_for_the_other_ranks_only_a_grace(
     assert time.perf_counter() - t0 < 5.0
     assert (tag_dir / "trainer" / "rank_0.pt").is_file()  # rank 0's own part is always written
     assert finalized == ([7] if other_rank_marks else [])
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failure_after_completion_keeps_the_checkpoint(tmp_path: Path, background: bool) -> None:
+    """The completion callback prints; stdout on a full disk raises OSError. The checkpoint is complete and
+    named by `latest` by then (and keep_last=1 pruned the older one): it must stand."""
+    part = Part()
+    mgr = CheckpointManager(tmp_path, keep_last=1, env=ENV, shared={"part": part})
+    mgr.writer.submit(mgr.begin(1, background=background))
+    assert mgr.writer.settle().ok
+
+    def full_disk(job: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    mgr.on_complete = full_disk
+    mgr.writer.submit(mgr.begin(2, background=background))
+    result = mgr.writer.settle()
+    assert result is not None and result.ok
+    assert mgr.complete_tags() == ["step_00000002"] and (tmp_path / LATEST).read_text() == "step_00000002"
