@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import torch
 
-from trainer.ckpt_writer import SaveJob, Writer, write_file
+from trainer.ckpt_writer import SaveJob, Writer, fsync_dir, write_file
 from trainer.distributed import DistEnv, barrier, broadcast_object, gather_object
 from trainer.state import Reshardable, Stateful
 
@@ -88,11 +88,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def _fsync_tree(path: Path) -> None:
     """The directory entries under ``path`` (the files were fsynced as they were written)."""
     for root, _, _ in os.walk(path):
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(Path(root))
 
 
 class CheckpointManager:

@@ -36,12 +36,13 @@ from trainer.capture import HostBuffers, host_copy, tensor_bytes
 from trainer.storage import describe
 
 POLL_S = 0.05
+"""How often rank 0's writer looks for the other ranks' marks."""
 GRACE_S = 10.0
 """A run ending on an error: how long rank 0 waits at least for the other ranks' marks (see :meth:`Writer.close`)."""
-"""How often rank 0's writer looks for the other ranks' marks."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """The directory's entries (names of files fsynced as they were written) reach the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -233,10 +234,6 @@ class Writer:
                     job.error = job.error or f"rank 0: {describe(err)}"
             self.discard_cb(job)
             job.outcome = "removed"
-
-    @property
-    def in_flight(self) -> bool:
-        return self.job is not None
 
     def settle(self) -> SaveResult | None:
         """Wait for the save in flight and agree on its outcome. Collective (every rank, same point)."""

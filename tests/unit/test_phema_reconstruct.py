@@ -109,6 +109,38 @@ def test_index_retention_and_stale_index(tmp_path: Path) -> None:
     (tmp_path / "snap_00000370").mkdir()  # written, never listed, older than the newest listed: stale
     with pytest.raises(SnapshotError, match="stale index"):
         check_index(tmp_path, [e for e in entries if e["step"] != 380])
+    # The run's next snapshot removes such leftovers (interrupted writes or prunes: never read).
+    phema = PowerEMA(_Two(), [0.05, 0.10], torch.device("cpu"))
+    phema.update(keep=torch.tensor(1.0))
+    assert SnapshotWriter(tmp_path, phema, ENV, keep=3).write(420, 32 * 420) == tmp_path / "snap_00000420"
+    assert not (tmp_path / "snap_00000370").exists()  # (380 was deleted above; retention pruned 360)
+    assert sorted(p.name for p in tmp_path.glob("snap_*")) == ["snap_00000400", "snap_00000420"]
+
+
+def test_a_snapshot_that_cannot_be_written_is_skipped_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import trainer.phema.snapshots as snapshots
+
+    _run(tmp_path, keep=3)
+    before = read_index(tmp_path)
+    phema = PowerEMA(_Two(), [0.05, 0.10], torch.device("cpu"))
+    phema.update(keep=torch.tensor(1.0))
+
+    def full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snapshots, "atomic_torch_save", full)
+    assert SnapshotWriter(tmp_path, phema, ENV, keep=3).write(420, 32 * 420) is None
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "warning" in ln]
+    assert lines == [
+        "warning: rank 0: post-hoc EMA snapshot of step 420 not written (OSError: [Errno 28] No space left on device); "
+        "skipped, training goes on"
+    ], lines
+    assert read_index(tmp_path) == before and not (tmp_path / "snap_00000420").exists()
+    monkeypatch.undo()
+    assert SnapshotWriter(tmp_path, phema, ENV, keep=3).write(440, 32 * 440) is not None
+    assert [e["step"] for e in read_index(tmp_path)] == [380, 400, 440]
 
 
 def test_split_names_puts_every_parameter_on_one_rank() -> None:

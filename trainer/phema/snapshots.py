@@ -11,8 +11,10 @@ Layout::
                                     "zero3", "dir", "files"}, ...]}, oldest first
 
 Every file is written to a temporary name and renamed; the index lists a snapshot only after every rank's
-file is on disk and is itself replaced atomically, so a crash mid-snapshot leaves an unlisted directory
-that the next snapshot at that step replaces. Retention (``train.phema.keep``) is the snapshots' own:
+file is on disk and is itself replaced atomically, so a crash mid-snapshot (or mid-prune) leaves an unlisted
+directory, never read, that the next snapshot removes. A snapshot that cannot be written (a full disk) is one
+warning line on every rank and is skipped: training goes on, and reconstruction works from the snapshots
+that exist (its fit error says when the gaps matter). Retention (``train.phema.keep``) is the snapshots' own:
 checkpoint pruning never touches this directory. A resume re-trains steps past its checkpoint, so
 snapshots newer than the step being written (from the lost timeline) are dropped from the index first.
 """
@@ -21,14 +23,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import atomic_torch_save, atomic_write_text
-from trainer.distributed import DistEnv, barrier
+from trainer.ckpt_writer import fsync_dir
+from trainer.distributed import DistEnv, any_rank
 from trainer.phema.averages import PowerEMA
+from trainer.storage import describe
 
 INDEX = "index.json"
 SNAPSHOT_DIR = "phema"
@@ -67,7 +71,10 @@ def check_index(root: Path, entries: list[dict[str, Any]]) -> None:
     newest = max(steps, default=-1)
     for d in sorted(root.glob("snap_*")):
         if d.name not in listed and d.is_dir() and int(d.name.removeprefix("snap_")) < newest:
-            raise SnapshotError(f"{root / INDEX}: stale index (does not list {d.name}, older than its newest)")
+            raise SnapshotError(
+                f"{root / INDEX}: stale index (does not list {d.name}, older than its newest; a leftover of an "
+                "interrupted write or prune is safe to remove, and the run's next snapshot removes it)"
+            )
 
 
 class SnapshotWriter:
@@ -76,30 +83,29 @@ class SnapshotWriter:
     def __init__(self, root: Path, phema: PowerEMA, env: DistEnv, keep: int) -> None:
         self.root, self.phema, self.env, self.keep = root, phema, env, keep
 
-    def write(self, step: int, images: int) -> Path:
+    def write(self, step: int, images: int) -> Path | None:
+        """The snapshot of step ``step`` (collective); None when it could not be written (warned, skipped)."""
         tag = snapshot_tag(step)
         tag_dir = self.root / tag
+        error = None
         if self.env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            entries = read_index(self.root) if (self.root / INDEX).is_file() else []
-            # Snapshots at or after this step belong to a timeline a resume is re-training.
-            dropped = [e for e in entries if e["step"] >= step]
-            if dropped:
-                self._write_index([e for e in entries if e["step"] < step])
-            for e in dropped:
-                shutil.rmtree(self.root / e["dir"], ignore_errors=True)
-            if tag_dir.exists():
-                shutil.rmtree(tag_dir)
-            tag_dir.mkdir()
-        barrier()
+            try:
+                self._prepare(step, tag_dir)
+            except (OSError, SnapshotError) as err:
+                error = describe(err)
+        if not self._agree(error, step, tag_dir):
+            return None
         t = self.phema.steps()
         # Every rank holds a part of the average (trainer.ema's layouts), so every rank writes one.
         payload = {**self.phema.state_dict(), "step": step, "shapes": self.phema.full_shapes()}
-        atomic_torch_save(payload, tag_dir / f"rank_{self.env.rank}.pt")
-        os.sync()
-        barrier()
+        try:
+            atomic_torch_save(payload, tag_dir / f"rank_{self.env.rank}.pt")  # fsynced
+            fsync_dir(tag_dir)  # its name too (not os.sync: that would flush a background checkpoint as well)
+        except OSError as err:
+            error = describe(err)
+        if not self._agree(error, step, tag_dir):
+            return None
         if self.env.is_main:
-            ranks = range(self.env.world_size)
             entry = {
                 "step": step,
                 "images": images,
@@ -108,15 +114,47 @@ class SnapshotWriter:
                 "world_size": self.env.world_size,
                 "zero3": self.phema.zero3,
                 "dir": tag,
-                "files": [f"rank_{r}.pt" for r in ranks],
+                "files": [f"rank_{r}.pt" for r in range(self.env.world_size)],
             }
-            entries = [*read_index(self.root), entry] if (self.root / INDEX).is_file() else [entry]
-            pruned = entries[: max(0, len(entries) - self.keep)] if self.keep else []
-            self._write_index(entries[len(pruned) :])
-            for e in pruned:
-                shutil.rmtree(self.root / e["dir"], ignore_errors=True)
-        barrier()
-        return tag_dir
+            try:
+                entries = [*read_index(self.root), entry] if (self.root / INDEX).is_file() else [entry]
+                pruned = entries[: max(0, len(entries) - self.keep)] if self.keep else []
+                self._write_index(entries[len(pruned) :])
+                for e in pruned:
+                    shutil.rmtree(self.root / e["dir"], ignore_errors=True)
+            except (OSError, SnapshotError) as err:
+                error = describe(err)
+        return tag_dir if self._agree(error, step, tag_dir) else None
+
+    def _prepare(self, step: int, tag_dir: Path) -> None:
+        """Rank 0: the index without the lost timeline's snapshots, no leftovers, an empty ``tag_dir``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        entries = read_index(self.root) if (self.root / INDEX).is_file() else []
+        # Snapshots at or after this step belong to a timeline a resume is re-training.
+        kept = [e for e in entries if e["step"] < step]
+        if len(kept) < len(entries):
+            self._write_index(kept)
+        listed = {e["dir"] for e in kept}
+        for d in self.root.glob("snap_*"):  # the dropped ones, and leftovers of interrupted writes or prunes
+            if d.is_dir() and d.name not in listed:
+                shutil.rmtree(d)
+        tag_dir.mkdir()
+
+    def _agree(self, error: str | None, step: int, tag_dir: Path) -> bool:
+        """Collective: True when no rank failed; otherwise every rank warns (its own error, if any) and rank 0
+        removes the partial directory (never listed)."""
+        if not any_rank(error is not None, self.env.device):
+            return True
+        why = error or "another rank could not write its part"
+        print(
+            f"warning: rank {self.env.rank}: post-hoc EMA snapshot of step {step} not written ({why}); skipped, "
+            "training goes on",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.env.is_main:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        return False
 
     def _write_index(self, entries: list[dict[str, Any]]) -> None:
         atomic_write_text(self.root / INDEX, json.dumps({"snapshots": entries}, indent=1))
