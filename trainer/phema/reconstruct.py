@@ -28,7 +28,7 @@ import torch
 
 from trainer.checkpoint import CheckpointError, atomic_torch_save
 from trainer.config import ConfigError, config_from_dict
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv, barrier, broadcast_object
 from trainer.export import EXPORT_NAME, export_weights
 from trainer.phema.profiles import (
     SIGMA_REL_MAX,
@@ -202,6 +202,10 @@ def newest_export(run_dir: Path) -> dict[str, Any]:
     return {"config": state["config"], "meta": dict(state["meta"])}
 
 
+ERRORS = (SnapshotError, CheckpointError, ConfigError)
+"""What the command reports as one line (exit 2)."""
+
+
 def reconstruct(
     env: DistEnv,
     run_dir: Path,
@@ -215,6 +219,12 @@ def reconstruct(
     """Collective: write one export per target; returns the plan and the exports' paths (on every rank)."""
     root = run_dir / SNAPSHOT_DIR
     plan = make_plan(root, step, sigma_rels, decays, half_lives, max_error)
+    # Read on every rank before any work: a run without an export fails at once, on every rank alike.
+    run = newest_export(run_dir)
+    try:
+        rate = str(config_from_dict(run["config"]).sample_ema_rate)
+    except ConfigError as err:
+        raise SnapshotError(f"{run_dir}: its export's config does not load ({err})") from None
     base = out or root / "reconstructed"
     first_path = root / plan.entries[-1]["dir"] / plan.entries[-1]["files"][0]
     first = _load(first_path)
@@ -231,45 +241,56 @@ def reconstruct(
     atomic_torch_save(parts, scratch / f"rank_{env.rank}.pt")
     barrier()
     paths = [out_dir_for(base, tg, plan.step) / EXPORT_NAME for tg in plan.targets]
+    error = None
     if env.is_main:
-        run = newest_export(run_dir)
         try:
-            rate = str(config_from_dict(run["config"]).sample_ema_rate)
-        except ConfigError as err:
-            raise SnapshotError(f"{run_dir}: its export's config does not load ({err})") from None
-        merged: list[dict[str, torch.Tensor]] = [{} for _ in plan.targets]
-        for r in range(env.world_size):
-            for k, part in enumerate(_load(scratch / f"rank_{r}.pt")):
-                merged[k].update(part)
-        for k, (tg, path) in enumerate(zip(plan.targets, paths, strict=True)):
-            weights = {n: merged[k][n].clone() for n in order}
-            coeffs = {
-                f"{plan.entries[i]['step']}:{s:g}": float(plan.coefficients[j, k]) for j, (i, s) in enumerate(plan.rows)
-            }
-            meta = {
-                **run["meta"],
-                "phema": {
-                    "sigma_rel": tg.sigma_rel,
-                    "asked": tg.label,
-                    "step": plan.step,
-                    "images": plan.images,
-                    "profile_error": float(plan.errors[k]),
-                    "coefficients": json.dumps(coeffs),
-                },
-            }
-            # The reconstruction is both the "model" and the EMA the run's config samples from by default.
-            export_weights(path, run["config"], plan.step, weights, {rate: weights}, meta)
-            print(
-                f"reconstructed {tg.label} (sigma_rel {tg.sigma_rel:.4f}) at step {plan.step} from "
-                f"{len(plan.entries)} snapshots, profile error {plan.errors[k]:.2e}: {path}",
-                flush=True,
-            )
+            _merge_and_export(run, rate, plan, scratch, paths, order, env.world_size)
+        except (*ERRORS, OSError) as err:  # told to every rank below: none waits for rank 0 in vain
+            error = str(err) if isinstance(err, ERRORS) else f"writing the exports: {type(err).__name__}: {err}"
         shutil.rmtree(scratch, ignore_errors=True)
-    barrier()
+    error = broadcast_object(error, env.device)
+    if error is not None:
+        raise SnapshotError(error)
     return plan, paths
 
 
-ERRORS = (SnapshotError, CheckpointError, ConfigError)
+def _merge_and_export(
+    run: dict[str, Any],
+    rate: str,
+    plan: Plan,
+    scratch: Path,
+    paths: list[Path],
+    order: list[str],
+    world_size: int,
+) -> None:
+    """Rank 0: join every rank's parameters of each target and write the targets' exports."""
+    merged: list[dict[str, torch.Tensor]] = [{} for _ in plan.targets]
+    for r in range(world_size):
+        for k, part in enumerate(_load(scratch / f"rank_{r}.pt")):
+            merged[k].update(part)
+    for k, (tg, path) in enumerate(zip(plan.targets, paths, strict=True)):
+        weights = {n: merged[k][n].clone() for n in order}
+        coeffs = {
+            f"{plan.entries[i]['step']}:{s:g}": float(plan.coefficients[j, k]) for j, (i, s) in enumerate(plan.rows)
+        }
+        meta = {
+            **run["meta"],
+            "phema": {
+                "sigma_rel": tg.sigma_rel,
+                "asked": tg.label,
+                "step": plan.step,
+                "images": plan.images,
+                "profile_error": float(plan.errors[k]),
+                "coefficients": json.dumps(coeffs),
+            },
+        }
+        # The reconstruction is both the "model" and the EMA the run's config samples from by default.
+        export_weights(path, run["config"], plan.step, weights, {rate: weights}, meta)
+        print(
+            f"reconstructed {tg.label} (sigma_rel {tg.sigma_rel:.4f}) at step {plan.step} from "
+            f"{len(plan.entries)} snapshots, profile error {plan.errors[k]:.2e}: {path}",
+            flush=True,
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
