@@ -71,7 +71,12 @@ def load_initial_weights(cfg: Config, model: torch.nn.Module, info: DatasetInfo)
             f"channels, the data are {info.image_size}px x {info.channels}"
         )
     rate = str(saved_cfg.sample_ema_rate)
-    weights = state["ema"].get(rate, state["model"])
+    if state["ema"] and rate not in state["ema"]:
+        raise ConfigError(
+            f"train.init_from: {state['path']} has no EMA at its sample.ema_rate {rate} (it has "
+            f"{', '.join(sorted(state['ema']))})"
+        )
+    weights = state["ema"].get(rate, state["model"])  # an export without any EMA: its weights
     problem = weights_mismatch(cfg, model.state_dict(), weights)
     if problem:
         raise ConfigError(f"train.init_from: {state['path']}: {problem}")

@@ -247,8 +247,17 @@ class CheckpointManager:
             part.load_state_dict(_part(common, name, own / "common.pt"))
 
 
+OPTIONAL_PARTS = {
+    "phema": "train.phema was turned on after this run started; a run keeps its post-hoc EMA setting (start a new "
+    "run with train.init_from, or resume with train.phema.enabled=false)",
+}
+"""Parts that exist only with a setting on: why a checkpoint may lack one."""
+
+
 def _part(states: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
     if name not in states:
+        if name in OPTIONAL_PARTS:
+            raise CheckpointError(f"{path}: has no '{name}' state: {OPTIONAL_PARTS[name]}")
         raise CheckpointError(f"{path}: has no '{name}' state (saved by another version of the trainer?)")
     return states[name]
 

@@ -240,7 +240,8 @@ class TrainConfig(_Section):
     checkpoint imported with ``python -m trainer.convert from-iddpm``) whose EMA weights (at its ``sample.ema_rate``)
     initialise a NEW run's model and every EMA; the optimizer, LR schedule and counters start fresh, on any ZeRO
     stage. ``model`` and ``diffusion`` must describe the same network (start from the import's ``config.yaml`` as
-    ``base``). A run that resumes from its own checkpoint ignores it. An imported class-conditional model's null-class
+    ``base``). A run that resumes from its own checkpoint continues from that (the file is still checked at
+    every start, so keep it where it is). An imported class-conditional model's null-class
     row is fresh: ``model.label_dropout`` trains it."""
     zero_stage: int | None = Field(None, ge=0, le=3)
     """None: the DeepSpeed JSON's ``zero_optimization.stage`` if set, else 2."""

@@ -66,7 +66,10 @@ def parse_flags(text: str) -> dict[str, Any]:
 
     Values are parsed as improved-diffusion's argparse does: booleans by its ``str2bool`` spellings, the rest by
     the type of the default. ``--key=value`` is accepted too."""
-    tokens = shlex.split(text)
+    try:
+        tokens = shlex.split(text)
+    except ValueError as err:  # "No closing quotation"
+        raise IddpmError(f"flags: {err} in {text!r}") from None
     given: dict[str, str] = {}
     i = 0
     while i < len(tokens):
@@ -261,16 +264,21 @@ def attention_heads(model: torch.nn.Module) -> dict[str, int]:
     return {name: mod.num_heads for name, mod in model.named_modules() if isinstance(mod, AttentionBlock)}
 
 
+def _qkv_channels(w: torch.Tensor, heads: int) -> tuple[int, int]:
+    c3 = w.shape[0]
+    if heads < 1 or c3 % (3 * heads):
+        raise IddpmError(f"attention qkv: {c3} output channels do not split into q, k, v of {heads} heads")
+    return c3, c3 // (3 * heads)
+
+
 def _qkv_per_head_to_per_kind(w: torch.Tensor, heads: int) -> torch.Tensor:
     # Output channel (head, kind, j) there → (kind, head, j) here; the input dimensions follow untouched.
-    c3 = w.shape[0]
-    d = c3 // (3 * heads)
+    c3, d = _qkv_channels(w, heads)
     return w.reshape(heads, 3, d, *w.shape[1:]).transpose(0, 1).reshape(c3, *w.shape[1:])
 
 
 def _qkv_per_kind_to_per_head(w: torch.Tensor, heads: int) -> torch.Tensor:
-    c3 = w.shape[0]
-    d = c3 // (3 * heads)
+    c3, d = _qkv_channels(w, heads)
     return w.reshape(3, heads, d, *w.shape[1:]).transpose(0, 1).reshape(c3, *w.shape[1:])
 
 

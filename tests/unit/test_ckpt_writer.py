@@ -190,3 +190,14 @@ def test_a_failure_after_completion_keeps_the_checkpoint(tmp_path: Path, backgro
     result = mgr.writer.settle()
     assert result is not None and result.ok
     assert mgr.complete_tags() == ["step_00000002"] and (tmp_path / LATEST).read_text() == "step_00000002"
+
+
+def test_post_hoc_ema_turned_on_mid_run_is_named(tmp_path: Path) -> None:
+    from trainer.checkpoint import CheckpointError
+
+    mgr = CheckpointManager(tmp_path, keep_last=1, env=ENV, shared={"part": Part()})
+    mgr.writer.submit(mgr.begin(1, background=False))
+    assert mgr.writer.settle().ok
+    later = CheckpointManager(tmp_path, keep_last=1, env=ENV, shared={"part": Part()}, per_rank={"phema": Part()})
+    with pytest.raises(CheckpointError, match="has no 'phema' state: train.phema was turned on after this run"):
+        later.load(tmp_path / "step_00000001")

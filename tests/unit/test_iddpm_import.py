@@ -218,3 +218,9 @@ def test_export_refuses_what_improved_diffusion_cannot_build(tmp_path: Path) -> 
     assert run.stderr.strip() == "error: not expressible in improved-diffusion: model.norm_groups 16 (it uses 32)"
     with pytest.raises(IddpmError, match="unknown flag --batch_size"):
         parse_flags("--batch_size 128")
+    with pytest.raises(IddpmError, match="No closing quotation"):
+        parse_flags("--image_size '32")
+    from trainer.iddpm import _qkv_per_head_to_per_kind
+
+    with pytest.raises(IddpmError, match="96 output channels do not split into q, k, v of 5 heads"):
+        _qkv_per_head_to_per_kind(torch.zeros(96, 32, 1), 5)
