@@ -6,8 +6,9 @@ is one of those that writes nothing: every ``makedirs`` and ``save(state_dict, p
 :class:`trainer.ckpt_writer.SaveJob`), which either writes it at once (synchronous checkpoints) or keeps a
 host copy and writes it later on its own thread. ``engine.save_checkpoint`` then does no I/O at all, so an
 I/O error can no longer strike one rank inside DeepSpeed's collective save and leave the others waiting at its
-barrier. DeepSpeed's ``_copy_recovery_script`` (rank 0 copies ``zero_to_fp32.py`` into the tag directory,
-outside the checkpoint engine) is deferred to the sink too, so that copy happens after the directory exists.
+barrier. DeepSpeed's ``_copy_recovery_script`` (rank 0 copies ``zero_to_fp32.py`` into the checkpoints
+directory, beside the tags, outside the checkpoint engine) is deferred to the sink too, so that copy happens
+with the save's other files.
 Loading goes through the engine's own checkpoint engine, which is put back after each save.
 
 We chose this over DeepSpeed's decoupled/FastPersist engines (GPU-direct writers tied to CUDA and their own
@@ -41,13 +42,14 @@ class HostBuffers:
     The price: one host copy of this rank's part of the state stays allocated between saves."""
 
     def __init__(self) -> None:
-        self._free: dict[tuple[torch.dtype, int], list[torch.Tensor]] = defaultdict(list)
+        self._free: dict[tuple[torch.dtype, int, bool], list[torch.Tensor]] = defaultdict(list)
         self._used: list[torch.Tensor] = []
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        free = self._free[(t.dtype, t.numel())]
-        buf = free.pop() if free else torch.empty(t.numel(), dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        pinned = t.device.type == "cuda"  # pinned memory for device copies only (they are asynchronous then)
+        free = self._free[(t.dtype, t.numel(), pinned)]
+        buf = free.pop() if free else torch.empty(t.numel(), dtype=t.dtype, pin_memory=pinned)
         self._used.append(buf)
         out = buf.view(t.shape)
         out.copy_(t, non_blocking=True)
@@ -61,7 +63,7 @@ class HostBuffers:
     def release(self) -> None:
         """The writer is done with every buffer handed out: they may be reused."""
         for buf in self._used:
-            self._free[(buf.dtype, buf.numel())].append(buf)
+            self._free[(buf.dtype, buf.numel(), buf.is_pinned())].append(buf)
         self._used = []
 
 

@@ -154,10 +154,11 @@ class Saver:
         if self.env.is_main:
             root = self.ckpt.root
             latest = self.ckpt.latest()
+            gone = "could not be removed (the next start removes it)" if result.tag_dir.exists() else "was removed"
             line = (
                 f"checkpoint {result.tag_dir} not saved ({result.error}): it needs about "
                 f"{fmt_bytes(result.planned_bytes)}, {fmt_bytes(free_bytes(root))} free on {root}; the partial "
-                f"directory was removed, latest is still {latest.name if latest else 'none (no checkpoint yet)'}"
+                f"directory {gone}, latest is still {latest.name if latest else 'none (no checkpoint yet)'}"
             )
             if self.failures > allowed:
                 line += (

@@ -107,11 +107,14 @@ def raw_samples(url: str, problems: Problems, start: int = 0) -> Iterator[dict[s
     index = sample_offsets(url) if start > 0 else None
     if index is not None and start < len(index[0]):
         offset, key = index[0][start], index[1][start]
+        stream = None
         try:
             stream = open(_local_path(url), "rb")  # noqa: SIM115 (closed by the generator below)
             stream.seek(offset)
         except OSError:
-            pass  # gone since it was indexed: the plain read below reports it once
+            if stream is not None:
+                stream.close()
+            # gone since it was indexed: the plain read below reports it once
         else:
             files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
             samples = tariterators.group_by_keys(files, handler=handler)

@@ -124,7 +124,8 @@ def split_names(shapes: dict[str, list[int]], world: int) -> list[list[str]]:
     return out
 
 
-def _load(path: Path) -> dict[str, Any]:
+def load_state(path: Path) -> dict[str, Any]:
+    """A snapshot or export file (tensors only); an unreadable one is a one-line SnapshotError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt file to the user
@@ -175,7 +176,7 @@ def reconstruct_part(
     acc = [{n: torch.zeros(shapes[n], dtype=torch.float64) for n in names} for _ in plan.targets]
     row = 0
     for e in plan.entries:
-        states = [_load(root / e["dir"] / f) for f in e["files"]]
+        states = [load_state(root / e["dir"] / f) for f in e["files"]]
         if any(int(s.get("step", -1)) != e["step"] for s in states):
             raise SnapshotError(f"{root / e['dir']}: its files are not of step {e['step']} (stale index)")
         for s in e["sigma_rels"]:
@@ -198,7 +199,7 @@ def newest_export(run_dir: Path) -> dict[str, Any]:
     found = sorted((run_dir / "checkpoints").glob(f"step_*/{EXPORT_NAME}"))
     if not found:
         raise SnapshotError(f"{run_dir / 'checkpoints'}: no {EXPORT_NAME} to take the run's config from")
-    state = _load(found[-1])
+    state = load_state(found[-1])
     return {"config": state["config"], "meta": dict(state["meta"])}
 
 
@@ -227,7 +228,7 @@ def reconstruct(
         raise SnapshotError(f"{run_dir}: its export's config does not load ({err})") from None
     base = out or root / "reconstructed"
     first_path = root / plan.entries[-1]["dir"] / plan.entries[-1]["files"][0]
-    first = _load(first_path)
+    first = load_state(first_path)
     if "shapes" not in first or "shadows" not in first:
         raise SnapshotError(f"{first_path}: not a post-hoc EMA snapshot of this trainer (no shapes/shadows)")
     shapes = {n: list(s) for n, s in first["shapes"].items()}
@@ -266,7 +267,7 @@ def _merge_and_export(
     """Rank 0: join every rank's parameters of each target and write the targets' exports."""
     merged: list[dict[str, torch.Tensor]] = [{} for _ in plan.targets]
     for r in range(world_size):
-        for k, part in enumerate(_load(scratch / f"rank_{r}.pt")):
+        for k, part in enumerate(load_state(scratch / f"rank_{r}.pt")):
             merged[k].update(part)
     for k, (tg, path) in enumerate(zip(plan.targets, paths, strict=True)):
         weights = {n: merged[k][n].clone() for n in order}

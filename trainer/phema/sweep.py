@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from trainer.config import Config, ConfigError, config_from_dict
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, broadcast_object
 from trainer.export import EXPORT_NAME
-from trainer.phema.reconstruct import Plan
+from trainer.phema.reconstruct import Plan, load_state
 from trainer.tracking import log_to_run
 
 METRICS = {"bpd": "eval/val_bpd_est", "fid": "eval/fid"}
@@ -83,13 +83,15 @@ def run_sweep(
     assert evaluator is not None  # eval_every is set
     models: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
     for tg, path in zip(plan.targets, exports, strict=True):
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_state(path)
         models.append(
             ({"model": f"sigma_rel {tg.sigma_rel:.4f}", "sigma_rel": tg.sigma_rel, "asked": tg.label}, state["model"])
         )
     fixed = run_dir / "checkpoints" / f"step_{plan.step:08d}" / EXPORT_NAME
-    if fixed.is_file():  # the configured fixed-rate EMAs at the same step, for comparison
-        state = torch.load(fixed, map_location="cpu", weights_only=True, mmap=True)
+    # The configured fixed-rate EMAs at the same step, for comparison. Rank 0 decides whether they are there:
+    # every rank must run the same number of (collective) evaluations, whatever its view of the directory.
+    if broadcast_object(fixed.is_file() if env.is_main else None, env.device):
+        state = load_state(fixed)
         for rate, weights in state["ema"].items():
             models.append(({"model": f"ema {rate}", "sigma_rel": None, "asked": f"train.ema_rates {rate}"}, weights))
     rows = []
