@@ -1,7 +1,7 @@
 """Evaluate a trained model: bits/dim on held-out shards, and sample quality against reference statistics.
 
     python trainer/evaluate.py runs/quickstart --split val                       # bits/dim (= bpd)
-    torchrun --nproc-per-node 8 trainer/evaluate.py bpd runs/cifar10 --split test
+    torchrun --nproc-per-node 8 trainer/evaluate.py bpd runs/cifar10 --split val
     python trainer/evaluate.py stats --data data/cifar10 --split train --features inception --out ref.npz
     python trainer/evaluate.py quality runs/cifar10/samples/step500000_ddim_50_n50000_seed0 --ref ref.npz
 

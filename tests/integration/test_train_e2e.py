@@ -114,6 +114,12 @@ def test_two_ranks_torchrun_zero2_bf16_then_resume(digits_shards: Path, tmp_path
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert any(p.endswith(".png") for p in artifacts), artifacts
 
+    # --resume none into a directory that holds checkpoints: refused, one line, exit 2, nothing touched.
+    code, log = _launch("python", 1, [*common, "tracking.enabled=false", "train.total_steps=8", "--resume", "none"])
+    errors = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "already holds checkpoints (newest step_00000006)" in errors[0], log
+    assert (ckpts / "latest").read_text().strip() == "step_00000006"
+
     # Resume: same MLflow run, step counter continues, no duplicated metric steps.
     code, log = _launch("torchrun", 2, [*common, "train.total_steps=8", "--resume", "auto"])
     assert code == 0, log[-4000:]

@@ -1,5 +1,6 @@
 """The hang watchdog's rule (who is behind) and its hand-over through a real c10d store, two ranks as two
-watchdogs in one process on a HashStore with a hand-driven clock; SLURM's requeue path for a hung run."""
+watchdogs in one process on a HashStore with a hand-driven clock; the loop pauses it around saves, snapshots
+and evaluation."""
 
 from __future__ import annotations
 
