@@ -131,7 +131,7 @@ def test_phema_continues_across_world_sizes(digits_shards: Path, tmp_path: Path)
         "train.precision=fp32",
         "train.ckpt_every=1",
         "train.warmup_steps=0",
-        "train.keep_last=5",
+        "train.keep_last=2",  # checkpoints are pruned; the snapshots (their own retention) are not
         "train.lr_schedule=constant",  # full steps (cosine over 2-4 steps ends near 0): the wide profile lags
         f"train.ema_rates=[{RATE}]",
         "diffusion.timestep_sampler=loss-second-moment",
@@ -157,3 +157,8 @@ def test_phema_continues_across_world_sizes(digits_shards: Path, tmp_path: Path)
         for name in ph0:
             recovered = (ph1[name].double() - (1 - b) * theta1[name].double()) / b
             assert torch.allclose(recovered, ph0[name].double(), rtol=0, atol=1e-5), name
+    # Checkpoint pruning kept the newest two checkpoints and never touched a snapshot.
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
+    index = json.loads((out / "phema" / "index.json").read_text())["snapshots"]
+    assert [e["step"] for e in index] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "phema").glob("snap_*")) == [f"snap_{s:08d}" for s in (1, 2, 3, 4)]

@@ -154,17 +154,17 @@ def compare(ref: tuple[Path, str, Path], other: tuple[Path, str, Path], tol: flo
 
 @pytest.fixture(scope="module")
 def zero0_runs(small_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], tuple]:
-    """ZeRO-0 fp32 on 1, 2 and 4 ranks, each with 0 and 2 loader workers."""
+    """ZeRO-0 fp32 on 1 rank (the reference, no loader workers), 2 ranks with 0 and 2 workers, 4 ranks with 2:
+    every world size, and workers on and off at one world size (each run costs a launch: the CI budget)."""
     root = tmp_path_factory.mktemp("ws0")
     out = {}
-    for nproc in (1, 2, 4):
-        for workers in (0, 2):
-            name = f"w{nproc}k{workers}"
-            uri = f"sqlite:///{root / name}.db"
-            args = [*RUN, *ZERO0, f"data.root={small_shards}", f"data.num_workers={workers}"]
-            args += [f"train.output_dir={root / name}", f"tracking.uri={uri}"]
-            run(args, nproc, root / f"{name}_rec")
-            out[(nproc, workers)] = (root / name, uri, root / f"{name}_rec")
+    for nproc, workers in ((1, 0), (2, 0), (2, 2), (4, 2)):
+        name = f"w{nproc}k{workers}"
+        uri = f"sqlite:///{root / name}.db"
+        args = [*RUN, *ZERO0, f"data.root={small_shards}", f"data.num_workers={workers}"]
+        args += [f"train.output_dir={root / name}", f"tracking.uri={uri}"]
+        run(args, nproc, root / f"{name}_rec")
+        out[(nproc, workers)] = (root / name, uri, root / f"{name}_rec")
     return out
 
 
