@@ -728,14 +728,7 @@ def exp5_paired(runner: Any, resamples: int = 1000) -> tuple[dict[str, Any], lis
     from trainer.evaluation.quality import load_reference
 
     suite, T = runner.suite, runner.suite.T
-    facts: dict[str, Any] = {}
-    lines: list[str] = []
-    for k in [*suite.sample_steps, T]:
-        per = {a: {s: _bpd_per_image(runner, a, s, k) for s in suite.seeds} for a in (H, M)}
-        per = {a: {s: v for s, v in d.items() if v is not None} for a, d in per.items()}
-        iv = paired.paired_difference(per[H], per[M])
-        facts[f"bpd_{k}"] = iv
-        lines.append(f"Paired, bound of the {k}-step process: " + paired.describe(H, M, iv) + ".")
+    facts, lines = exp5_bound_intervals(runner)
     d = runner.exp5_dir()
     clf, ref = d / "classifier.pt", d / "ref_train.npz"
     settings = runner.sample_settings()
@@ -789,6 +782,53 @@ def exp5_paired(runner: Any, resamples: int = 1000) -> tuple[dict[str, Any], lis
             f"over {iv['images']} paired samples × {iv['seeds']} seeds: {word}."
         )
     return facts, lines
+
+
+def exp5_bound_intervals(runner: Any) -> tuple[dict[str, Any], list[str]]:
+    """The variational bound of the two models' respaced processes at every step count (and at all T), paired
+    over val images and seeds: learned − fixed variances."""
+    import paired
+
+    suite = runner.suite
+    facts: dict[str, Any] = {}
+    lines: list[str] = []
+    for k in [*suite.sample_steps, suite.T]:
+        per = {a: {s: _bpd_per_image(runner, a, s, k) for s in suite.seeds} for a in (H, M)}
+        per = {a: {s: v for s, v in d.items() if v is not None} for a, d in per.items()}
+        iv = paired.paired_difference(per[H], per[M])
+        facts[f"bpd_{k}"] = iv
+        lines.append(f"Paired, bound of the {k}-step process: " + paired.describe(H, M, iv) + ".")
+    return facts, lines
+
+
+def write_exp5_bounds(runner: Any) -> list[Path]:
+    """``exp5_bounds.{json,md}``: only the likelihood half of experiment 5 (``run.py --part 5 --bounds-only``),
+    which needs no sampling: the bound of each respaced process, per arm and seed, with the paired intervals."""
+    suite, out = runner.suite, runner.out
+    facts, lines = exp5_bound_intervals(runner)
+    table = {
+        a: {
+            str(k): spread([v for s in suite.seeds if (v := _bpd_at(runner, a, s, k)) is not None])
+            for k in [*suite.sample_steps, suite.T]
+        }
+        for a in (H, M)
+    }
+    doc = {"experiment": 5, "part": "bounds only", "suite": _suite_dict(suite), "bpd": table, "paired": facts}
+    _write_json(out / "exp5_bounds.json", doc)
+    steps = [*suite.sample_steps, suite.T]
+    md = [
+        "## Experiment 5, likelihood half: the bound of the respaced processes (no sampling)",
+        "",
+        _suite_line(suite) + f" Bits/dim on the first {suite.bpd_images} val images, the same noise for every model.",
+        "",
+        "| arm | " + " | ".join(f"{k} steps" for k in steps) + " |",
+        "|---|" + "---:|" * len(steps),
+        *[f"| {a} | " + " | ".join(_pm(table[a][str(k)], 3) for k in steps) + " |" for a in (H, M)],
+        "",
+        *[f"- {v}" for v in lines],
+    ]
+    (out / "exp5_bounds.md").write_text("\n".join(md) + "\n")
+    return [out / "exp5_bounds.json", out / "exp5_bounds.md"]
 
 
 def _exp5_verdicts(

@@ -365,6 +365,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps per run (default 1000)")
     p.add_argument("--bpd-images", type=int, default=None, help="val images of the exact bound (default 64)")
     p.add_argument("--samples", type=int, default=None, help="images per sample set in experiment 5 (default 128)")
+    p.add_argument(
+        "--bounds-only", action="store_true", help="experiment 5: only the respaced processes' bounds (no sampling)"
+    )
     p.add_argument("--ddim-full", action="store_true", help="experiment 5: DDIM at all T steps too (+~12 min)")
     p.add_argument("--smoke", action="store_true", help="shrink everything (10 steps, T = 50, 1 seed): a check")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate only")
@@ -491,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     models = [(a, k) for a in EXPERIMENTS[5] for k in suite.seeds]
     if 5 in parts and not all(runner.trained(a, k) for a, k in models):
         failures.append("experiment 5: skipped, its models (experiment 1's runs) are not all trained")
+    elif 5 in parts and args.bounds_only:
+        for a, k in models:
+            runner.respaced_bpd(a, k)
+        files = report.write_exp5_bounds(runner)
+        print("\n".join(str(f) for f in files))
+        return 0
     elif 5 in parts:
         import torch
 
