@@ -147,8 +147,9 @@ class DiffusionConfig(_Section):
     (``losses["loss"]``). Under ``kl`` both give the same p_t (the history scales by T). Either way the
     weights multiply the whole loss, so the objective's estimate stays unbiased; only its variance differs.
     The default "loss" won experiment 4 of ``bench/experiments/run.py`` (L_hybrid, digits 16x16, 1000 steps,
-    2 seeds, exact bits/dim on held-out images): fed "loss" 2.914 ± 0.009, uniform t 2.934 ± 0.015, fed "vb"
-    2.996 ± 0.035; the training loss was also the least noisy fed "loss" (docs/RESULTS.md). Fed "vb", p_t piles
+    2 seeds, exact bits/dim on 64 held-out images): fed "loss" 2.965, uniform t 2.984, fed "vb" 3.043; "vb" −
+    "loss" +0.078 bits/dim, 95 % paired interval [+0.068, +0.088]; the training loss was also the least noisy
+    fed "loss" (docs/RESULTS.md). Fed "vb", p_t piles
     onto the few t where L_t is large and L_simple elsewhere gets weights up to 1/u: unbiased but noisier.
     No effect with ``timestep_sampler: uniform``."""
     history_per_term: int = Field(10, gt=0)

@@ -4,6 +4,7 @@
     python bench/experiments/run.py --part 1 --part 5           # some experiments; runs are shared and reused
     python bench/experiments/run.py --all --dry-run             # the plan and its time estimate, nothing run
     python bench/experiments/run.py --smoke --part 1 --part 5   # end-to-end check in ~2 min, into a temp dir
+    python bench/experiments/run.py --part 5 --bounds-only      # experiment 5's likelihood half only (no sampling)
 
 Five experiments (Nichol & Dhariwal 2021), each a comparison of arms, every arm a config under
 ``configs/experiments/`` trained with every seed (``--seeds``, default 0 1):
