@@ -694,27 +694,25 @@ def write_exp5(runner: Any, arm_names: list[str], descriptions: dict[str, str]) 
     return files
 
 
-def _bpd_at(runner: Any, arm: str, seed: int, steps: int) -> float | None:
+def _bound(runner: Any, arm: str, seed: int, steps: int) -> dict[str, Any]:
+    """One model's bound of the process with ``steps`` steps (all T: evaluate.py bpd's report; fewer: the
+    respaced one's entry); empty when not measured."""
     if steps == runner.suite.T:
         p = runner.bpd_json(arm, seed)
-        return json.loads(p.read_text())["bits_per_dim"] if p.is_file() else None
+        return json.loads(p.read_text()) if p.is_file() else {}
     p = runner.exp5_dir() / "bpd_respaced" / f"{arm}-seed{seed}.json"
-    if not p.is_file():
-        return None
-    return json.loads(p.read_text())["by_steps"].get(str(steps), {}).get("bits_per_dim")
+    return json.loads(p.read_text())["by_steps"].get(str(steps), {}) if p.is_file() else {}
 
 
-H, M = "hybrid_cosine", "mse_fixed"
+def _bpd_at(runner: Any, arm: str, seed: int, steps: int) -> float | None:
+    return _bound(runner, arm, seed, steps).get("bits_per_dim")
 
 
 def _bpd_per_image(runner: Any, arm: str, seed: int, steps: int) -> list[float] | None:
-    if steps == runner.suite.T:
-        p = runner.bpd_json(arm, seed)
-        return json.loads(p.read_text()).get("per_image_bpd") if p.is_file() else None
-    p = runner.exp5_dir() / "bpd_respaced" / f"{arm}-seed{seed}.json"
-    if not p.is_file():
-        return None
-    return json.loads(p.read_text())["by_steps"].get(str(steps), {}).get("per_image_bpd")
+    return _bound(runner, arm, seed, steps).get("per_image_bpd")
+
+
+H, M = "hybrid_cosine", "mse_fixed"
 
 
 def exp5_paired(runner: Any, resamples: int = 1000) -> tuple[dict[str, Any], list[str]]:
